@@ -1,0 +1,81 @@
+"""What an engine must do. Runners do the model math; schedulers decide what runs when.
+
+A runner is model-level and knows nothing of requests, HTTP or asyncio. The generation scheduler
+drives a CausalRunner one step at a time (continuous batching); the embedding batcher drives an
+EncoderRunner with padded batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class EngineError(Exception):
+    """A request the engine cannot serve (too long, bad parameters); maps to a 400."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class Overloaded(Exception):
+    """The bounded queue is full; maps to a 429 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 1e-5
+
+
+@dataclass
+class SequenceState:
+    """Per-sequence sampling state handed to `CausalRunner.sample`."""
+
+    params: SamplingParams
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+
+
+class CausalRunner(Protocol):
+    capacity: int  # most sequences held at once
+    max_seq_len: int  # prompt + output tokens per sequence
+    vocab_size: int
+    device: str
+
+    def prefill(self, seq_id: int, token_ids: Sequence[int]) -> Any:
+        """Append tokens to the sequence's KV cache (a new sequence if unseen); logits of the last one."""
+
+    def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> Any:
+        """One token for each sequence in one batched forward; logits [n, vocab]."""
+
+    def release(self, seq_id: int) -> None:
+        """Drop the sequence and its KV cache."""
+
+    def sample(self, logits: Any, states: Sequence[SequenceState]) -> list[int]:
+        """Pick the next token per row of logits."""
+
+
+class EncoderRunner(Protocol):
+    dim: int
+    max_length: int
+    device: str
+
+    def encode(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        """Token id lists (unpadded) -> pooled, L2-normalised float32 [n, dim]."""
