@@ -1,0 +1,175 @@
+"""Causal LM runner on plain onnxruntime over an onnxruntime-genai-built graph (GroupQueryAttention).
+
+onnxruntime-genai's own Engine adds and removes requests mid-batch, but measured here it ran at
+100 tok/s for one sequence and 141 for eight; driving the same graph from Python with a shared
+KV buffer runs 124 and ~470. So this runner keeps the KV cache itself:
+
+- one buffer per layer and K/V, shaped [capacity, kv_heads, length, head_size]; each live sequence
+  owns a row; GQA reads and writes it in place (past and present are bound to the same memory);
+- rows of live sequences are kept dense at the front, so a batch is a contiguous view, never a copy;
+- the buffer length grows and shrinks in powers of two, since GQA's cost follows the buffer length.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .base import EngineError, SequenceState
+from .sampling import sample_rows
+
+log = logging.getLogger("fmgate.engine")
+
+_MIN_LEN = 256
+
+
+class OnnxCausalRunner:
+    device = "cpu"
+
+    def __init__(self, model_dir: Path, capacity: int = 16, max_seq_len: int = 2048, threads: int = 0,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+        cfg = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
+        dec = cfg["decoder"]
+        self.layers = int(dec["num_hidden_layers"])
+        self.kv_heads = int(dec["num_key_value_heads"])
+        self.head_size = int(dec["head_size"])
+        self.vocab_size = int(cfg["vocab_size"])
+        self.context_length = int(cfg.get("context_length", max_seq_len))
+        self.max_seq_len = min(max_seq_len, self.context_length)
+        self.capacity = capacity
+        names = dec["inputs"], dec["outputs"]
+        self._past = [(names[0]["past_key_names"] % i, names[0]["past_value_names"] % i) for i in range(self.layers)]
+        self._present = [
+            (names[1]["present_key_names"] % i, names[1]["present_value_names"] % i) for i in range(self.layers)
+        ]
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(Path(model_dir) / dec["filename"]), so, providers=list(providers))
+        self._rows: dict[int, int] = {}  # seq_id -> row
+        self._seq_at: list[int] = []  # row -> seq_id
+        self._lens = np.zeros(capacity, dtype=np.int64)
+        self._buf_len = 0
+        self._kv: list[tuple[np.ndarray, np.ndarray]] = []
+        self._resize(_MIN_LEN)
+
+    # -- public API (CausalRunner) --
+
+    def prefill(self, seq_id: int, token_ids: Sequence[int]) -> np.ndarray:
+        row = self._rows.get(seq_id)
+        if row is None:
+            if len(self._seq_at) >= self.capacity:
+                raise EngineError("no free sequence slot")
+            row = len(self._seq_at)
+            self._rows[seq_id] = row
+            self._seq_at.append(seq_id)
+            self._lens[row] = 0
+        need = int(self._lens[row]) + len(token_ids)
+        if need > self.max_seq_len:
+            raise EngineError(f"sequence of {need} tokens exceeds the context of {self.max_seq_len}")
+        self._ensure_len(need)
+        ids = np.asarray(token_ids, dtype=np.int64)[None, :]
+        logits = self._run(row, row + 1, ids, np.array([len(token_ids)]), None)
+        return logits[0, -1]
+
+    def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
+        rows = np.fromiter((self._rows[s] for s in seq_ids), dtype=np.int64, count=len(seq_ids))
+        hi = int(rows.max()) + 1
+        self._ensure_len(int(self._lens[rows].max()) + 1)
+        # Rows in [0, hi) that are not decoding (mid-prefill) ride along: their token lands past their
+        # valid length and is overwritten later; their length does not advance.
+        ids = np.zeros((hi, 1), dtype=np.int64)
+        ids[rows, 0] = token_ids
+        advance = np.zeros(hi, dtype=np.int64)
+        advance[rows] = 1
+        logits = self._run(0, hi, ids, advance, rows)
+        return logits[rows, -1]
+
+    def release(self, seq_id: int) -> None:
+        row = self._rows.pop(seq_id, None)
+        if row is None:
+            return
+        last = len(self._seq_at) - 1
+        if row != last:  # keep rows dense: move the last sequence into the hole
+            moved = self._seq_at[last]
+            n = int(self._lens[last])
+            for k, v in self._kv:
+                k[row, :, :n] = k[last, :, :n]
+                v[row, :, :n] = v[last, :, :n]
+            self._lens[row] = n
+            self._seq_at[row] = moved
+            self._rows[moved] = row
+        self._seq_at.pop()
+        self._lens[last] = 0
+        self._maybe_shrink()
+
+    def sample(self, logits: np.ndarray, states: Sequence[SequenceState]) -> list[int]:
+        return sample_rows(np.atleast_2d(logits), states)
+
+    def length(self, seq_id: int) -> int:
+        return int(self._lens[self._rows[seq_id]])
+
+    # -- internals --
+
+    def _run(self, lo: int, hi: int, ids: np.ndarray, advance: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+        total = self._lens[lo:hi] + np.where(advance > 0, advance, 1)
+        width = int(total.max())
+        mask = (np.arange(width)[None, :] < total[:, None]).astype(np.int64)
+        b = self.session.io_binding()
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("attention_mask", mask)
+        b.bind_output("logits")
+        for (pk, pv), (ok, ov), (k, v) in zip(self._past, self._present, self._kv, strict=True):
+            kval = ort.OrtValue.ortvalue_from_numpy(k[lo:hi])
+            vval = ort.OrtValue.ortvalue_from_numpy(v[lo:hi])
+            b.bind_ortvalue_input(pk, kval)
+            b.bind_ortvalue_input(pv, vval)
+            b.bind_ortvalue_output(ok, kval)
+            b.bind_ortvalue_output(ov, vval)
+        self.session.run_with_iobinding(b)
+        self._lens[lo:hi] += advance
+        # Only the logits are copied out; presents live in our buffers already.
+        return b.get_outputs()[0].numpy()
+
+    def _ensure_len(self, n: int) -> None:
+        if n > self._buf_len:
+            size = self._buf_len
+            while size < n:
+                size *= 2
+            self._resize(min(max(size, n), _round_up(self.max_seq_len)))
+
+    def _maybe_shrink(self) -> None:
+        live = int(self._lens[: len(self._seq_at)].max()) if self._seq_at else 0
+        target = self._buf_len
+        while target > _MIN_LEN and live * 4 <= target:
+            target //= 2
+        if target < self._buf_len:
+            self._resize(target)
+
+    def _resize(self, length: int) -> None:
+        keep = min(length, self._buf_len)
+        shape = (self.capacity, self.kv_heads, length, self.head_size)
+        new = []
+        for i in range(self.layers):
+            k = np.zeros(shape, dtype=np.float32)
+            v = np.zeros(shape, dtype=np.float32)
+            if keep:
+                k[:, :, :keep] = self._kv[i][0][:, :, :keep]
+                v[:, :, :keep] = self._kv[i][1][:, :, :keep]
+            new.append((k, v))
+        self._kv = new
+        self._buf_len = length
+
+
+def _round_up(n: int) -> int:
+    size = _MIN_LEN
+    while size < n:
+        size *= 2
+    return size

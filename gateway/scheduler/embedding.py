@@ -1,0 +1,147 @@
+"""Dynamic batching for embeddings. Knows nothing of HTTP or asyncio.
+
+Inputs from all requests share one FCFS queue. The batcher thread waits at most `max_wait_ms`
+after the first input for company, takes up to `max_batch_size` inputs, sorts them by length
+and cuts them into sub-batches whose padded size stays under `max_batch_tokens`, so short
+inputs are not padded to the longest one in the window.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import metrics
+from ..engines.base import EncoderRunner, Overloaded
+
+log = logging.getLogger("fmgate.scheduler")
+
+Done = Callable[[np.ndarray | None, Exception | None], None]
+
+
+@dataclass(eq=False)
+class EmbedJob:
+    inputs: list[list[int]]
+    done: Done
+    out: np.ndarray | None = None
+    left: int = 0
+    cancelled: bool = False
+    failed: bool = False
+    t_submit: float = field(default_factory=time.monotonic)
+
+
+class EmbeddingBatcher:
+    def __init__(
+        self,
+        runner: EncoderRunner,
+        *,
+        name: str = "model",
+        max_batch_size: int = 64,
+        max_batch_tokens: int = 16384,
+        max_wait_ms: float = 3.0,
+        max_queued: int = 8192,
+    ):
+        self.runner = runner
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queued = max_queued
+        self._cv = threading.Condition()
+        self._queue: deque[tuple[EmbedJob, int]] = deque()
+        self._stopping = False
+        self._rate = 200.0  # inputs per second, moving average, for Retry-After
+        self._thread = threading.Thread(target=self._loop, name=f"embed-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, inputs: Sequence[Sequence[int]], done: Done) -> EmbedJob:
+        job = EmbedJob(inputs=[list(x) for x in inputs], done=done, left=len(inputs))
+        job.out = np.empty((len(inputs), self.runner.dim), dtype=np.float32)
+        with self._cv:
+            if self._stopping:
+                raise Overloaded("The server is shutting down.", retry_after=5)
+            if len(self._queue) + len(inputs) > self.max_queued:
+                raise Overloaded(
+                    f"Too many queued inputs for {self.name}; retry shortly.",
+                    retry_after=max(1.0, len(self._queue) / self._rate),
+                )
+            self._queue.extend((job, i) for i in range(len(inputs)))
+            metrics.QUEUE_DEPTH.labels(self.name).set(len(self._queue))
+            self._cv.notify()
+        return job
+
+    def cancel(self, job: EmbedJob) -> None:
+        job.cancelled = True
+
+    @property
+    def busy(self) -> int:
+        return len(self._queue)
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self._queue:
+                    return
+                deadline = time.monotonic() + self.max_wait
+                while len(self._queue) < self.max_batch_size and not self._stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+                take = []
+                while self._queue and len(take) < self.max_batch_size:
+                    job, i = self._queue.popleft()
+                    if not job.cancelled and not job.failed:
+                        take.append((job, i))
+                metrics.QUEUE_DEPTH.labels(self.name).set(len(self._queue))
+            if take:
+                self._run(take)
+
+    def _run(self, items: list[tuple[EmbedJob, int]]) -> None:
+        items.sort(key=lambda it: len(it[0].inputs[it[1]]))
+        start = 0
+        t0 = time.monotonic()
+        while start < len(items):
+            # Grow the sub-batch while its padded size (longest x count) fits the token budget.
+            end = start + 1
+            while end < len(items):
+                width = len(items[end][0].inputs[items[end][1]])
+                if width * (end - start + 1) > self.max_batch_tokens:
+                    break
+                end += 1
+            chunk = items[start:end]
+            try:
+                vecs = self.runner.encode([job.inputs[i] for job, i in chunk])
+            except Exception as exc:
+                log.exception("embedding batch failed for %s", self.name)
+                for job, _ in chunk:
+                    if not job.failed:
+                        job.failed = True
+                        job.done(None, exc)
+                start = end
+                continue
+            metrics.BATCH_SIZE.labels(self.name, "embed").observe(len(chunk))
+            for (job, i), vec in zip(chunk, vecs, strict=True):
+                if job.failed:
+                    continue
+                job.out[i] = vec
+                job.left -= 1
+                if job.left == 0:
+                    job.done(job.out, None)
+            start = end
+        elapsed = max(time.monotonic() - t0, 1e-6)
+        self._rate = 0.8 * self._rate + 0.2 * (len(items) / elapsed)
