@@ -1,0 +1,52 @@
+"""The dynamic embedding batcher with the real MiniLM artifact (no HTTP)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from gateway.engines.base import Overloaded
+from gateway.engines.embedder import EmbeddingEngine
+
+TEXTS = ["short", "a slightly longer sentence about cats", "The quick brown fox jumps over the lazy dog " * 5,
+         "Embeddings map text to vectors.", "hello world", "Paris is the capital of France."]
+
+
+@pytest.fixture(scope="module")
+def engine(embed_artifact):
+    eng = EmbeddingEngine.from_dir(embed_artifact.path, "test-embed", threads=2, max_batch_size=8, max_wait_ms=5)
+    yield eng
+    eng.close()
+
+
+def test_batched_equals_one_at_a_time(engine):
+    alone = np.stack([engine.embed([t])[0] for t in TEXTS])
+    together = engine.embed(TEXTS)
+    cos = np.sum(alone * together, axis=1)
+    assert np.all(cos > 1 - 1e-5), cos
+    out: list = [None] * len(TEXTS)
+
+    def run(i):
+        out[i] = engine.embed([TEXTS[i]])[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(TEXTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert np.all(np.sum(np.stack(out) * alone, axis=1) > 1 - 1e-5)
+
+
+def test_unit_norm(engine):
+    np.testing.assert_allclose(np.linalg.norm(engine.embed(TEXTS), axis=1), 1.0, atol=1e-5)
+
+
+def test_full_queue_is_refused(embed_artifact):
+    eng = EmbeddingEngine.from_dir(embed_artifact.path, "tiny", threads=2, max_queued=4)
+    try:
+        with pytest.raises(Overloaded):
+            eng.batcher.submit([[101, 102]] * 5, lambda out, err: None)
+    finally:
+        eng.close()
