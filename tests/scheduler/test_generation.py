@@ -18,7 +18,7 @@ PROMPTS = ["What is the capital of France?", "Name three colours.", "Write a hai
 
 @pytest.fixture(scope="module")
 def engine(chat_artifact):
-    eng = LLMEngine.from_dir(chat_artifact.path, "test", max_num_seqs=8, max_batch_tokens=64, max_queued=4,
+    eng = LLMEngine.from_dir(chat_artifact.path, "test", max_num_seqs=8, max_batch_tokens=64, max_queued=16,
                              threads=2)
     yield eng
     eng.close()
