@@ -10,3 +10,8 @@ Contract used by the routes (gateway/api/*):
 `reserve_tokens` is prompt tokens + max completion tokens: the worst case, reserved before the call
 and refunded down to the real use in `settle`.
 """
+
+from gateway.quota.gatekeeper import ANONYMOUS, Gatekeeper, Grant, Principal, check_settings
+from gateway.quota.keys import KeyLimits, KeyRecord
+
+__all__ = ["ANONYMOUS", "Gatekeeper", "Grant", "KeyLimits", "KeyRecord", "Principal", "check_settings"]

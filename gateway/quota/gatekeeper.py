@@ -1,0 +1,350 @@
+"""The Gatekeeper: the only thing the HTTP layer calls for authentication, model permission and quotas."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+import weakref
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from gateway.errors import AUTHENTICATION, PERMISSION, UNAVAILABLE, APIError
+from gateway.metrics import QUOTA_REJECTIONS
+from gateway.quota import base
+from gateway.quota.keys import (
+    KeyLimits,
+    KeyRecord,
+    day_number,
+    hash_secret,
+    key_id_of,
+    next_month_start_day,
+    same_digest,
+)
+from gateway.quota.manage import KeyManager
+from gateway.quota.memory import MemoryLimiter
+from gateway.quota.redis import RedisLimiter, Unavailable
+from gateway.quota.store import Store
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from gateway.settings import Settings
+
+log = logging.getLogger("fmgate.quota")
+
+CACHE_TTL_S = 1.0  # how stale a key record may be; bounds how long a revocation takes (memory mode)
+_DUMMY_DIGEST = "0" * 64
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuse configurations whose limits would silently not hold."""
+    if settings.workers > 1 and not settings.redis_url and settings.auth != "off":
+        raise ValueError(
+            "workers > 1 needs FMGATE_REDIS_URL: without Redis each worker counts on its own, so every "
+            "limit would be multiplied by the number of workers. Set FMGATE_REDIS_URL, use one worker, "
+            "or turn auth off (FMGATE_AUTH=off)."
+        )
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling. `key_id` is safe to log; the secret is never kept."""
+
+    key_id: str | None
+    name: str
+    models: tuple[str, ...] | None = None
+    anonymous: bool = False
+
+
+ANONYMOUS = Principal(key_id=None, name="anonymous", anonymous=True)
+
+
+class Grant:
+    """One admitted request. `settle` exactly once (repeats are ignored), also on errors and disconnects."""
+
+    def __init__(self, gk: Gatekeeper | None, principal: Principal, model: str, reserve: int, lease: str,
+                 decision: base.Decision | None, mode: str):
+        self._gk = gk
+        self.principal = principal
+        self.model = model
+        self.reserve = reserve
+        self.lease = lease
+        self.decision = decision
+        self.mode = mode  # "memory" | "redis" | "local" (admitted while Redis was away) | "none"
+        self.admitted_ms = int(time.time() * 1000)
+        self.settled = False
+        self.headers: dict[str, str] = decision.headers() if decision is not None and decision.ok else {}
+
+    async def settle(self, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        gk = self._gk
+        if gk is None or self.mode == "none":
+            return
+        gk._live.discard(self)
+        p, c = max(0, int(prompt_tokens or 0)), max(0, int(completion_tokens or 0))
+        kid = self.principal.key_id
+        assert kid is not None
+        if self.mode == "local":
+            assert isinstance(gk.limiter, RedisLimiter)
+            day = day_number(self.admitted_ms / 1000)
+            gk.limiter.charge_local(kid, self.model, day, p, c, ts_ms=self.admitted_ms)
+            return
+        d = self.decision
+        assert d is not None
+        try:
+            await gk.limiter.settle(kid, self.lease, self.reserve, p, c, self.model, d.day, d.month)
+        except Exception:  # settle runs in finally blocks; it must never raise into the request
+            log.exception("quota settle failed for key %s", kid)
+        if self.mode == "memory":
+            gk._record_usage(kid, self.model, d.day, p, c)
+
+    async def renew(self) -> None:
+        """Extend the concurrency lease now (the Gatekeeper also renews live grants in the background)."""
+        if not self.settled and self._gk is not None and self.mode in ("memory", "redis"):
+            await self._gk.limiter.renew({self.principal.key_id: [self.lease]})
+
+
+class Gatekeeper:
+    def __init__(self, settings: Settings, store: Store, limiter: MemoryLimiter | RedisLimiter,
+                 lease_ttl_s: float, flush_interval_s: float, cache_ttl_s: float):
+        self.settings = settings
+        self.store = store
+        self.limiter = limiter
+        self.redis = limiter if isinstance(limiter, RedisLimiter) else None
+        self.keys = KeyManager(store, self.redis)
+        self.fail_open = settings.quota_on_redis_error == "open"
+        self.lease_ttl_s = lease_ttl_s
+        self.flush_interval_s = flush_interval_s
+        self.cache_ttl_s = cache_ttl_s
+        self._cache: dict[str, tuple[KeyRecord | None, float]] = {}
+        self._auth_seen = False
+        self._auth_checked = 0.0
+        self._live: weakref.WeakSet[Grant] = weakref.WeakSet()
+        self._usage: dict[tuple[str, str, int], list[int]] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._closed = False
+
+    @classmethod
+    async def create(cls, settings: Settings, *, prefix: str | None = None, window_s: float = 60.0,
+                     lease_ttl_s: float = 30.0, flush_interval_s: float = 1.0, sync_interval_s: float = 2.0,
+                     cache_ttl_s: float = CACHE_TTL_S) -> Gatekeeper:
+        check_settings(settings)
+        store = await asyncio.to_thread(Store, settings.home)
+        limiter: MemoryLimiter | RedisLimiter
+        if settings.redis_url:
+            prefix = prefix or os.environ.get("FMGATE_REDIS_PREFIX") or "fm"
+            limiter = RedisLimiter(settings.redis_url, store, prefix=prefix, window_s=window_s,
+                                   lease_ttl_s=lease_ttl_s, sync_interval_s=sync_interval_s)
+            await limiter.start()
+        else:
+            limiter = MemoryLimiter(store, window_s=window_s, lease_ttl_s=lease_ttl_s)
+        gk = cls(settings, store, limiter, lease_ttl_s, flush_interval_s, cache_ttl_s)
+        gk._tasks.append(asyncio.create_task(gk._renew_loop(), name="fmgate-quota-renew"))
+        if gk.redis is None:
+            gk._tasks.append(asyncio.create_task(gk._flush_loop(), name="fmgate-quota-flush"))
+        log.info("quotas: %s backend, auth=%s", "redis" if gk.redis else "memory", settings.auth)
+        return gk
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+        await self.flush_usage()
+        await self.limiter.close()
+        await asyncio.to_thread(self.store.close)
+
+    async def ready(self) -> bool:
+        if self.redis is None:
+            return self.store.ping()
+        ok = await self.redis.ready()
+        return ok or self.fail_open
+
+    # Authentication.
+    async def auth_enabled(self) -> bool:
+        mode = self.settings.auth
+        if mode == "off":
+            return False
+        if mode == "on" or self._auth_seen:
+            return True
+        # auto: on as soon as any key exists (revoked ones too, so revoking the last key never opens
+        # the box); checked at most once per second, and never turns off again.
+        now = time.monotonic()
+        if now - self._auth_checked >= self.cache_ttl_s:
+            self._auth_checked = now
+            seen = await asyncio.to_thread(self.store.any_keys)
+            if not seen and self.redis is not None:
+                try:
+                    seen = await self.redis.any_keys()
+                except Unavailable:
+                    pass
+            self._auth_seen = seen
+        return self._auth_seen
+
+    async def authenticate(self, request: Request) -> Principal:
+        if not await self.auth_enabled():
+            return ANONYMOUS
+        secret = _bearer(request.headers.get("authorization"))
+        if not secret:
+            raise _auth_error(
+                "You didn't provide an API key. You need to provide your API key in an Authorization header "
+                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+            )
+        digest = hash_secret(secret)
+        rec = await self._record(key_id_of(digest))
+        if not same_digest(rec.hash if rec else _DUMMY_DIGEST, digest) or rec is None:
+            raise _auth_error("Incorrect API key provided.")
+        if rec.revoked:
+            raise _auth_error("This API key has been revoked.")
+        return Principal(key_id=rec.id, name=rec.name, models=rec.models)
+
+    async def _record(self, key_id: str) -> KeyRecord | None:
+        hit = self._cache.get(key_id)
+        now = time.monotonic()
+        if hit is not None and now - hit[1] < self.cache_ttl_s:
+            return hit[0]
+        rec: KeyRecord | None
+        if self.redis is not None:
+            try:
+                rec = await self.redis.lookup(key_id)
+            except Unavailable:
+                rec = self.store.get_key(key_id)  # the local mirror
+        else:
+            rec = self.store.get_key(key_id)
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[key_id] = (rec, now)
+        return rec
+
+    def invalidate(self, key_id: str) -> None:
+        self._cache.pop(key_id, None)
+
+    def check_model(self, principal: Principal, model_name: str) -> None:
+        if principal.models is not None and model_name not in principal.models:
+            QUOTA_REJECTIONS.labels("model_not_allowed").inc()
+            raise APIError(403, f"This API key is not allowed to use the model '{model_name}'.", PERMISSION,
+                           code="model_not_allowed", param="model")
+
+    # Admission.
+    async def admit(self, principal: Principal, model_name: str, reserve_tokens: int) -> Grant:
+        if principal.anonymous or principal.key_id is None:
+            return Grant(None, principal, model_name, 0, "", None, "none")
+        reserve = max(0, int(reserve_tokens or 0))
+        rec = await self._record(principal.key_id)
+        if rec is None or rec.revoked:
+            QUOTA_REJECTIONS.labels(base.REVOKED).inc()
+            raise _auth_error("This API key has been revoked.")
+        lease = secrets.token_hex(8)
+        try:
+            d = await self.limiter.admit(rec, lease, reserve)
+        except Unavailable:
+            if not self.fail_open:
+                QUOTA_REJECTIONS.labels(base.UNAVAILABLE).inc()
+                raise APIError(503, "Rate limiting is temporarily unavailable. Please retry shortly.",
+                               UNAVAILABLE, code="quota_backend_unavailable",
+                               headers={"retry-after": "1"}) from None
+            return Grant(self, principal, model_name, reserve, lease, None, "local")
+        if d.status == base.REVOKED:
+            self.invalidate(rec.id)
+            QUOTA_REJECTIONS.labels(base.REVOKED).inc()
+            raise _auth_error("This API key has been revoked.")
+        if not d.ok:
+            QUOTA_REJECTIONS.labels(d.status).inc()
+            if d.status == base.DAY:
+                d = replace(d, retry_ms=(d.day + 1) * 86_400_000 - d.now_ms)
+            elif d.status == base.MONTH:
+                d = replace(d, retry_ms=next_month_start_day(d.day) * 86_400_000 - d.now_ms)
+            raise base.refusal(d, reserve)
+        grant = Grant(self, principal, model_name, reserve, lease, d, "redis" if self.redis else "memory")
+        self._live.add(grant)
+        return grant
+
+    # Background work.
+    async def _renew_loop(self) -> None:
+        interval = max(0.05, self.lease_ttl_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            leases: dict[str, list[str]] = {}
+            for g in list(self._live):
+                if not g.settled and g.mode in ("memory", "redis") and g.principal.key_id:
+                    leases.setdefault(g.principal.key_id, []).append(g.lease)
+            try:
+                await self.limiter.renew(leases)
+            except Exception:
+                log.exception("quota lease renewal failed")
+
+    def _record_usage(self, key_id: str, model: str, day: int, prompt: int, completion: int) -> None:
+        row = self._usage.setdefault((key_id, model, day), [0, 0, 0])
+        row[0] += prompt
+        row[1] += completion
+        row[2] += 1
+
+    async def flush_usage(self) -> None:
+        """Write buffered usage to SQLite (memory mode; Redis mode syncs from Redis instead)."""
+        if self.redis is not None:
+            await self.redis.sync()
+            return
+        if not self._usage:
+            return
+        batch, self._usage = self._usage, {}
+        rows = [(k, m, d, p, c, r) for (k, m, d), (p, c, r) in batch.items()]
+        try:
+            await asyncio.to_thread(self.store.add_usage, rows)
+        except Exception:
+            log.exception("could not record usage; will retry")
+            for (k, m, d), v in batch.items():
+                cur = self._usage.setdefault((k, m, d), [0, 0, 0])
+                for i in range(3):
+                    cur[i] += v[i]
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval_s)
+            await self.flush_usage()
+
+    # Administration (the admin API and the CLI use the same KeyManager).
+    async def create_key(self, name: str, limits: KeyLimits | None = None,
+                         models: tuple[str, ...] | None = None) -> tuple[str, KeyRecord]:
+        secret, rec = await self.keys.create(name, limits, models)
+        self._auth_seen = True
+        return secret, rec
+
+    async def list_keys(self) -> list[KeyRecord]:
+        return await self.keys.list()
+
+    async def revoke_key(self, key_id: str) -> KeyRecord | None:
+        try:
+            return await self.keys.revoke(key_id)
+        finally:
+            self.invalidate(key_id)
+
+    async def usage(self, key_id: str | None = None, since_day: int | None = None,
+                    until_day: int | None = None) -> list[dict]:
+        await self.flush_usage()
+        return await self.keys.usage(key_id, since_day, until_day)
+
+
+def _bearer(value: str | None) -> str | None:
+    if not value:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    token = token.strip()
+    return token or None
+
+
+def _auth_error(message: str) -> APIError:
+    return APIError(401, message, AUTHENTICATION, code="invalid_api_key",
+                    headers={"www-authenticate": "Bearer"})

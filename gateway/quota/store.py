@@ -1,0 +1,229 @@
+"""SQLite under the data dir: the key table, per-day usage, and charges waiting for Redis.
+
+The server, the `fmgate keys` CLI and other replicas' mirrors all use this file, so every write is a
+short transaction in WAL mode with a busy timeout. Calls are synchronous and fast (tens of
+microseconds); the async side runs the bulk ones in a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+from gateway.quota.keys import KeyLimits, KeyRecord
+
+DB_NAME = "quota.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    revoked_at REAL,
+    rpm INTEGER NOT NULL DEFAULT 0,
+    tpm INTEGER NOT NULL DEFAULT 0,
+    tokens_per_day INTEGER NOT NULL DEFAULT 0,
+    tokens_per_month INTEGER NOT NULL DEFAULT 0,
+    max_concurrent INTEGER NOT NULL DEFAULT 0,
+    models TEXT
+);
+CREATE TABLE IF NOT EXISTS usage (
+    key_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    day INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    requests INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (key_id, model, day)
+);
+CREATE TABLE IF NOT EXISTS pending (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    payload TEXT NOT NULL
+);
+"""
+
+UsageRow = tuple[str, str, int, int, int, int]  # key_id, model, day number, prompt, completion, requests
+
+
+class KeyExists(Exception):
+    pass
+
+
+class Store:
+    def __init__(self, home: Path):
+        home = Path(home)
+        home.mkdir(parents=True, exist_ok=True)
+        self.path = home / DB_NAME
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        with self._lock:
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def ping(self) -> bool:
+        try:
+            with self._lock:
+                self._db.execute("SELECT 1").fetchone()
+            return True
+        except sqlite3.Error:
+            return False
+
+    # Keys.
+    def insert_key(self, rec: KeyRecord) -> None:
+        try:
+            with self._lock:
+                self._db.execute(
+                    "INSERT INTO keys VALUES (?,?,?,?,?,?,?,?,?,?,?)", _key_values(rec)
+                )
+        except sqlite3.IntegrityError as exc:
+            raise KeyExists(rec.id) from exc
+
+    def upsert_key(self, rec: KeyRecord) -> None:
+        """Mirror a record from Redis. Revocation is one-way: a revoked row never comes back."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO keys VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                "name=excluded.name, revoked_at=COALESCE(keys.revoked_at, excluded.revoked_at), "
+                "rpm=excluded.rpm, tpm=excluded.tpm, tokens_per_day=excluded.tokens_per_day, "
+                "tokens_per_month=excluded.tokens_per_month, max_concurrent=excluded.max_concurrent, "
+                "models=excluded.models",
+                _key_values(rec),
+            )
+
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_KEY_COLS} FROM keys WHERE id=?", (key_id,)).fetchone()
+        return _key_from_row(row) if row else None
+
+    def list_keys(self) -> list[KeyRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_KEY_COLS} FROM keys ORDER BY created_at, id").fetchall()
+        return [_key_from_row(r) for r in rows]
+
+    def any_keys(self) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM keys LIMIT 1").fetchone() is not None
+
+    def revoke(self, key_id: str, at: float) -> KeyRecord | None:
+        with self._lock:
+            self._db.execute("UPDATE keys SET revoked_at=COALESCE(revoked_at, ?) WHERE id=?", (at, key_id))
+        return self.get_key(key_id)
+
+    # Usage.
+    def add_usage(self, rows: Iterable[UsageRow]) -> None:
+        """Add increments (memory mode, where this table is the record)."""
+        rows = list(rows)
+        if not rows:
+            return
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT INTO usage VALUES (?,?,?,?,?,?) ON CONFLICT(key_id, model, day) DO UPDATE SET "
+                    "prompt_tokens=prompt_tokens+excluded.prompt_tokens, "
+                    "completion_tokens=completion_tokens+excluded.completion_tokens, "
+                    "requests=requests+excluded.requests",
+                    rows,
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def snapshot_usage(self, rows: Iterable[UsageRow]) -> None:
+        """Store absolute totals read from Redis; counters only grow, so keep the larger value."""
+        rows = list(rows)
+        if not rows:
+            return
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT INTO usage VALUES (?,?,?,?,?,?) ON CONFLICT(key_id, model, day) DO UPDATE SET "
+                    "prompt_tokens=MAX(prompt_tokens, excluded.prompt_tokens), "
+                    "completion_tokens=MAX(completion_tokens, excluded.completion_tokens), "
+                    "requests=MAX(requests, excluded.requests)",
+                    rows,
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def usage(
+        self, key_id: str | None = None, since_day: int | None = None, until_day: int | None = None
+    ) -> list[UsageRow]:
+        sql = "SELECT key_id, model, day, prompt_tokens, completion_tokens, requests FROM usage WHERE 1=1"
+        args: list = []
+        if key_id is not None:
+            sql += " AND key_id=?"
+            args.append(key_id)
+        if since_day is not None:
+            sql += " AND day>=?"
+            args.append(since_day)
+        if until_day is not None:
+            sql += " AND day<=?"
+            args.append(until_day)
+        with self._lock:
+            return [tuple(r) for r in self._db.execute(sql + " ORDER BY day, key_id, model", args)]
+
+    def token_totals(self, key_id: str, since_day: int) -> dict[int, int]:
+        """Tokens (prompt + completion) per day since `since_day`, for seeding budget counters."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT day, SUM(prompt_tokens + completion_tokens) FROM usage "
+                "WHERE key_id=? AND day>=? GROUP BY day",
+                (key_id, since_day),
+            ).fetchall()
+        return {int(d): int(t) for d, t in rows}
+
+    # Charges that could not reach Redis before shutdown.
+    def save_pending(self, items: Iterable[dict]) -> None:
+        payloads = [(json.dumps(i),) for i in items]
+        if payloads:
+            with self._lock:
+                self._db.executemany("INSERT INTO pending (payload) VALUES (?)", payloads)
+
+    def take_pending(self) -> list[dict]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self._db.execute("SELECT payload FROM pending ORDER BY id").fetchall()
+                self._db.execute("DELETE FROM pending")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return [json.loads(r[0]) for r in rows]
+
+
+_KEY_COLS = (
+    "id, name, hash, created_at, revoked_at, rpm, tpm, tokens_per_day, tokens_per_month, max_concurrent, models"
+)
+
+
+def _key_values(rec: KeyRecord) -> tuple:
+    lim = rec.limits
+    return (
+        rec.id, rec.name, rec.hash, rec.created_at, rec.revoked_at, lim.rpm, lim.tpm, lim.tokens_per_day,
+        lim.tokens_per_month, lim.max_concurrent, json.dumps(list(rec.models)) if rec.models is not None else None,
+    )
+
+
+def _key_from_row(row) -> KeyRecord:
+    return KeyRecord(
+        id=row[0], name=row[1], hash=row[2], created_at=row[3], revoked_at=row[4],
+        limits=KeyLimits(rpm=row[5], tpm=row[6], tokens_per_day=row[7], tokens_per_month=row[8],
+                         max_concurrent=row[9]),
+        models=tuple(json.loads(row[10])) if row[10] else None,
+    )
