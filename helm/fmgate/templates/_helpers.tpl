@@ -1,0 +1,152 @@
+{{/* Names and labels, as `helm create` makes them. */}}
+{{- define "fmgate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "fmgate.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "fmgate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "fmgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "fmgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
+{{- define "fmgate.labels" -}}
+helm.sh/chart: {{ include "fmgate.chart" . }}
+{{ include "fmgate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "fmgate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "fmgate.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The image: tag defaults to <appVersion>-cpu or <appVersion>-cuda; a digest wins over the tag. */}}
+{{- define "fmgate.image" -}}
+{{- $variant := ternary "cuda" "cpu" .Values.gpu.enabled }}
+{{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion $variant) }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/* More than one pod may run at once: Redis and shared storage matter. */}}
+{{- define "fmgate.multiReplica" -}}
+{{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) }}true{{ end }}
+{{- end }}
+
+{{- define "fmgate.adminSecretName" -}}
+{{- .Values.adminKey.existingSecret | default (printf "%s-admin" (include "fmgate.fullname" .)) }}
+{{- end }}
+
+{{- define "fmgate.adminSecretKey" -}}
+{{- ternary .Values.adminKey.existingSecretKey "admin-key" (ne .Values.adminKey.existingSecret "") }}
+{{- end }}
+
+{{- define "fmgate.redisFullname" -}}
+{{- printf "%s-redis" (include "fmgate.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "fmgate.redisSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "fmgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: redis
+{{- end }}
+
+{{/*
+A generated secret value that survives upgrades: reuse what the cluster holds, else make one.
+Args: (list $ secretName key length). Offline (helm template) lookup is empty, so it is random.
+*/}}
+{{- define "fmgate.keptRandom" -}}
+{{- $root := index . 0 }}
+{{- $name := index . 1 }}
+{{- $key := index . 2 }}
+{{- $len := index . 3 }}
+{{- $existing := lookup "v1" "Secret" $root.Release.Namespace $name }}
+{{- if and $existing $existing.data (hasKey $existing.data $key) }}
+{{- index $existing.data $key | b64dec }}
+{{- else }}
+{{- randAlphaNum $len }}
+{{- end }}
+{{- end }}
+
+{{/*
+Threads per engine: fmgate.threads if set, else the whole CPUs of limits.cpu or requests.cpu
+("1500m" -> 1, "2" -> 2), at least 1; 0 (all cores) only when neither is set.
+*/}}
+{{- define "fmgate.threads" -}}
+{{- if .Values.fmgate.threads }}
+{{- .Values.fmgate.threads }}
+{{- else }}
+{{- $res := .Values.resources | default dict }}
+{{- $cpu := toString (dig "limits" "cpu" (dig "requests" "cpu" "" $res) $res) }}
+{{- if not $cpu }}
+{{- 0 }}
+{{- else if hasSuffix "m" $cpu }}
+{{- max 1 (div (trimSuffix "m" $cpu | int64) 1000) }}
+{{- else }}
+{{- max 1 (floor (float64 $cpu) | int64) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The pod's grace period: explicit, or preStop + ceil(shutdown grace) + 15 s of margin. */}}
+{{- define "fmgate.terminationGracePeriod" -}}
+{{- $drain := add (int .Values.preStopSleepSeconds) (int (ceil .Values.fmgate.shutdownGraceSeconds)) }}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add $drain 15 }}
+{{- else }}
+{{- $set := int .Values.terminationGracePeriodSeconds }}
+{{- if le $set $drain }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds + fmgate.shutdownGraceSeconds (%d), or requests are cut off mid-drain" $set $drain) }}
+{{- end }}
+{{- $set }}
+{{- end }}
+{{- end }}
+
+{{/* Checks that no schema can express across keys. */}}
+{{- define "fmgate.validate" -}}
+{{- if and .Values.redis.builtin.enabled (or .Values.redis.url .Values.redis.existingSecret) }}
+{{- fail "redis: set one of redis.url, redis.existingSecret or redis.builtin.enabled, not several" }}
+{{- end }}
+{{- if and .Values.redis.url .Values.redis.existingSecret }}
+{{- fail "redis: set one of redis.url and redis.existingSecret, not both" }}
+{{- end }}
+{{- if and (include "fmgate.multiReplica" .) (ne .Values.modelCache.type "emptyDir") }}
+{{- fail "modelCache: with more than one replica use modelCache.type=emptyDir. FMGATE_HOME also holds each pod's SQLite key and usage database (WAL mode), which must not be shared between pods or put on network storage" }}
+{{- end }}
+{{- if and (include "fmgate.multiReplica" .) (ne .Values.fmgate.auth "off") (not (or .Values.redis.url .Values.redis.existingSecret .Values.redis.builtin.enabled)) }}
+{{- fail "redis: more than one replica needs Redis (redis.url, redis.existingSecret or redis.builtin.enabled): without it each pod has its own keys and quota counters" }}
+{{- end }}
+{{- if and (eq .Values.modelCache.type "existingClaim") (not .Values.modelCache.pvc.existingClaim) }}
+{{- fail "modelCache.type=existingClaim needs modelCache.pvc.existingClaim" }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (not .Values.autoscaling.queueDepth.enabled) (kindIs "invalid" .Values.autoscaling.targetCPUUtilizationPercentage) }}
+{{- fail "autoscaling: give targetCPUUtilizationPercentage or enable queueDepth" }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- fail "autoscaling: minReplicas must not exceed maxReplicas" }}
+{{- end }}
+{{- end }}
