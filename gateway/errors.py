@@ -98,3 +98,41 @@ def install(app: FastAPI) -> None:
         # Log the traceback server-side; the client gets no internals.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return APIError(500, "The server had an error while processing your request.", SERVER).response()
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {
+        "type": "object",
+        "required": ["message", "type"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
+    }},
+}
+_DOCUMENTED = {"400": "Invalid request", "401": "Missing or invalid API key", "403": "Not allowed for this key",
+               "404": "Unknown model or resource", "413": "Request body too large",
+               "429": "Rate limited, over quota or overloaded", "500": "Server error",
+               "503": "Loading, draining or quota backend down"}
+
+
+def document(app: FastAPI) -> None:
+    """Describe the real error responses in the OpenAPI schema (FastAPI's default says 422 only)."""
+    build = app.openapi
+
+    def openapi():
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = _ERROR_SCHEMA
+        ref = {"$ref": "#/components/schemas/Error"}
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                responses = op.setdefault("responses", {})
+                responses.pop("422", None)
+                for code, text in _DOCUMENTED.items():
+                    responses.setdefault(code, {"description": text, "content": {"application/json": {"schema": ref}}})
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
