@@ -25,9 +25,10 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/fmgate serve
 
+# FMGATE_TEST_HOME keeps the built default models between local runs (CI starts from a clean clone).
 test: $(STAMP)
 	$(VENV)/bin/ruff check gateway model_store tests bench
-	$(PY) -m pytest
+	FMGATE_TEST_HOME=$(CURDIR)/.fmgate/test-home $(PY) -m pytest
 
 bench: $(STAMP)
 	$(PY) -m bench.run
