@@ -1,0 +1,192 @@
+"""GGUF → Hugging Face folder (dequantized fp32), with the tokenizer repaired for ONNX runtimes.
+
+The GGUF carries the weights, the tokenizer and the chat template. transformers converts all three,
+but its tokenizer has the wrong eos/pad and a hybrid BPE (byte_fallback + ByteLevel) that
+onnxruntime-genai's tokenizer mis-reads; `fix_tokenizer` rewrites it as plain GPT-2 ByteLevel BPE and
+checks that every id is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import StoreError
+
+log = logging.getLogger("fmgate.model_store")
+
+DATA = Path(__file__).parent / "data"
+# Text the tokenizer rewrite is checked on: the calibration text plus the awkward cases.
+TOKENIZER_PROBES = ["Hello world!  Numbers 12345 and 3.14159, emoji 😀, accents é ñ ü, CJK 你好, tabs\tand\nnewlines.",
+                    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+                    "def f(x):\n    return x ** 2  # comment\n\n\n", "   leading spaces", "ÅÄÖ ß Ω ∑ → ☃"]
+
+
+@contextlib.contextmanager
+def _fast_gguf() -> Iterator[None]:
+    """transformers parses the GGUF four times and rebuilds one tensor-name map per submodule
+    (≈20 s for a 49k vocabulary); both are pure, so memoize them for the conversion only."""
+    import copy
+    import importlib
+
+    import gguf
+
+    orig_reader, orig_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+    metas: dict = {}
+    mods = [importlib.import_module(f"transformers.{m}") for m in (
+        "modeling_gguf_pytorch_utils", "configuration_utils", "tokenization_utils_fast",
+        "models.auto.tokenization_auto")]
+    orig_load = mods[0].load_gguf_checkpoint
+
+    def load(path, return_tensors=False, model_to_load=None):
+        if return_tensors:
+            return orig_load(path, return_tensors=True, model_to_load=model_to_load)
+        if str(path) not in metas:
+            metas[str(path)] = orig_load(path, return_tensors=False)
+        return copy.deepcopy(metas[str(path)])
+
+    def reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = orig_reader(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(orig_map)
+    for m in mods:
+        m.load_gguf_checkpoint = load
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = orig_reader, orig_map
+        for m in mods:
+            m.load_gguf_checkpoint = orig_load
+        readers.clear()
+        metas.clear()
+
+
+def gguf_to_hf(gguf_path: Path, out: Path) -> None:
+    """Dequantize a GGUF into a transformers folder at `out` (fp32 safetensors + fixed tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        with _fast_gguf():
+            tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                         dtype=torch.float32)
+    except StoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the GGUF reader raises anything on a bad file
+        raise StoreError(f"{gguf_path.name}: cannot read the GGUF ({type(exc).__name__}: {exc}); "
+                         "the file is corrupt, truncated, or an unsupported architecture") from None
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    del model
+    fix_tokenizer(out)
+
+
+def _eos_token(folder: Path) -> str | None:
+    """The token that ends a turn: the model config's eos id, spelled as in the vocabulary."""
+    cfg = json.loads((folder / "config.json").read_text())
+    gen = folder / "generation_config.json"
+    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.exists() else None
+    eos = eos if eos is not None else cfg.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    if eos is None:
+        return None
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    for t in tj.get("added_tokens", []):
+        if t["id"] == eos:
+            return t["content"]
+    for tok, i in tj["model"].get("vocab", {}).items():
+        if i == eos:
+            return tok
+    return None
+
+
+def fix_tokenizer(folder: Path) -> None:
+    """eos/pad = the config's eos token (<|im_end|> for SmolLM2), no BOS, plain ByteLevel BPE,
+    chat template inside tokenizer_config.json, no copy of the GGUF as tokenizer.model."""
+    from tokenizers import Tokenizer
+
+    tj_path, tc_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
+    (folder / "tokenizer.model").unlink(missing_ok=True)
+    tj = json.loads(tj_path.read_text())
+    model = tj.get("model", {})
+    decoders = (tj.get("decoder") or {}).get("decoders", [])
+    hybrid = (model.get("type") == "BPE" and model.get("byte_fallback")
+              and (tj.get("pre_tokenizer") or {}).get("type") == "ByteLevel")
+    if hybrid or any(d.get("type") == "ByteFallback" for d in decoders):
+        before = Tokenizer.from_str(json.dumps(tj))
+        model.update({"byte_fallback": False, "fuse_unk": False, "unk_token": None, "dropout": None})
+        tj["normalizer"] = None
+        tj["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                               "use_regex": True}
+        tj["post_processor"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
+                                "use_regex": True}
+        tj["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+        after = Tokenizer.from_str(json.dumps(tj))
+        probes = TOKENIZER_PROBES + [(DATA / "calibration.txt").read_text()[:20000]]
+        for text in probes:
+            a = before.encode(text, add_special_tokens=False).ids
+            b = after.encode(text, add_special_tokens=False).ids
+            if a != b:
+                raise StoreError("rewriting the GGUF tokenizer as ByteLevel BPE changed token ids; "
+                                 "this tokenizer is not supported yet")
+            if after.decode(b, skip_special_tokens=False) != text:
+                log.warning("tokenizer round trip differs on %r", text[:40])
+        tj_path.write_text(json.dumps(tj, ensure_ascii=False, indent=1))
+    eos = _eos_token(folder)
+    tc = json.loads(tc_path.read_text()) if tc_path.exists() else {}
+    jinja = folder / "chat_template.jinja"
+    if jinja.exists():
+        tc.setdefault("chat_template", jinja.read_text())
+        jinja.unlink()
+    if eos:
+        tc["eos_token"] = eos
+        if tc.get("pad_token") in (None, tc.get("bos_token")) or hybrid:
+            tc["pad_token"] = eos
+    for key in ("eos_token_id", "pad_token_id", "bos_token_id", "unk_token_id"):
+        tc.pop(key, None)  # stale ids the GGUF conversion writes; the token strings are what count
+    cfg = json.loads((folder / "config.json").read_text())
+    if tc.get("model_max_length", 0) > 10**9 and cfg.get("max_position_embeddings"):
+        tc["model_max_length"] = cfg["max_position_embeddings"]
+    if hybrid:
+        tc["add_bos_token"] = False
+        tc["add_prefix_space"] = False
+        tc["tokenizer_class"] = "GPT2Tokenizer"
+        tc.pop("legacy", None)
+    tc_path.write_text(json.dumps(tc, ensure_ascii=False, indent=2))
+    stm = folder / "special_tokens_map.json"
+    if stm.exists() and eos:
+        m = json.loads(stm.read_text())
+        m["eos_token"] = eos
+        m["pad_token"] = tc.get("pad_token", eos)
+        stm.write_text(json.dumps(m, ensure_ascii=False, indent=2))
+
+
+def finish_causal_artifact(out: Path, hf_dir: Path, repaired: bool) -> None:
+    """The engine reads tokenizer files from the artifact: the repaired ones (GGUF conversions), and
+    in every case a tokenizer_config.json that holds the chat template."""
+    if repaired:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (hf_dir / name).exists():
+                (out / name).write_bytes((hf_dir / name).read_bytes())
+    (out / "tokenizer.model").unlink(missing_ok=True)
+    tc_path = out / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text()) if tc_path.exists() else {}
+    jinja = out / "chat_template.jinja"
+    if jinja.exists():
+        tc.setdefault("chat_template", jinja.read_text())
+        tc_path.write_text(json.dumps(tc, ensure_ascii=False, indent=2))
+        jinja.unlink()
+    if "chat_template" not in tc:
+        log.warning("%s has no chat template; /v1/chat/completions will need one", hf_dir)
