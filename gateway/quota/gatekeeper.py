@@ -37,6 +37,7 @@ log = logging.getLogger("fmgate.quota")
 
 CACHE_TTL_S = 1.0  # how stale a key record may be; bounds how long a revocation takes (memory mode)
 _DUMMY_DIGEST = "0" * 64
+_MISS: KeyRecord | None = object()  # type: ignore[assignment]
 
 
 def check_settings(settings: Settings) -> None:
@@ -122,6 +123,7 @@ class Gatekeeper:
         self.flush_interval_s = flush_interval_s
         self.cache_ttl_s = cache_ttl_s
         self._cache: dict[str, tuple[KeyRecord | None, float]] = {}
+        self._lookups: dict[str, asyncio.Future] = {}
         self._auth_seen = False
         self._auth_checked = 0.0
         self._live: weakref.WeakSet[Grant] = weakref.WeakSet()
@@ -214,14 +216,27 @@ class Gatekeeper:
         now = time.monotonic()
         if hit is not None and now - hit[1] < self.cache_ttl_s:
             return hit[0]
-        rec: KeyRecord | None
-        if self.redis is not None:
-            try:
-                rec = await self.redis.lookup(key_id)
-            except Unavailable:
-                rec = self.store.get_key(key_id)  # the local mirror
-        else:
+        if self.redis is None:
             rec = self.store.get_key(key_id)
+        else:
+            # One Redis lookup per key however many requests arrive while it is cold.
+            fut = self._lookups.get(key_id)
+            if fut is not None:
+                got = await asyncio.shield(fut)
+                if got is not _MISS:
+                    return got
+            fut = self._lookups[key_id] = asyncio.get_running_loop().create_future()
+            rec = _MISS
+            try:
+                try:
+                    rec = await self.redis.lookup(key_id)
+                except Unavailable:
+                    rec = self.store.get_key(key_id)  # the local mirror
+            finally:
+                # On an error or cancellation the waiters get _MISS and look up for themselves.
+                fut.set_result(rec)
+                if self._lookups.get(key_id) is fut:
+                    del self._lookups[key_id]
         if len(self._cache) > 100_000:
             self._cache.clear()
         self._cache[key_id] = (rec, now)

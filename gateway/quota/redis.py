@@ -41,10 +41,12 @@ def connect(url: str) -> aioredis.Redis:
     # One immediate retry covers a pooled connection that died with a Redis restart; every script is
     # idempotent (lease ids, batch ids), so a retried call cannot charge twice. No backoff: a down
     # Redis must fail fast, not stall requests.
-    return aioredis.Redis.from_url(
-        url, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0,
-        retry=Retry(NoBackoff(), 1), health_check_interval=0,
+    # A bounded pool that makes a burst wait briefly for a connection instead of failing.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=64, timeout=2.0, decode_responses=True, socket_timeout=1.0,
+        socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1), health_check_interval=0,
     )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
 
 
 class RedisLimiter:
@@ -319,7 +321,7 @@ class RedisLimiter:
         try:
             async with self.r.pipeline(transaction=False) as p:
                 for key_id, ids in leases.items():
-                    self._renew(keys=[self.keys(key_id)[4]], args=[self.ttl_ms, *ids], client=p)
+                    await self._renew(keys=[self.keys(key_id)[4]], args=[self.ttl_ms, *ids], client=p)
                 await p.execute()
         except _ERRORS as exc:
             self._failed("renew", exc)

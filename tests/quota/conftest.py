@@ -1,0 +1,236 @@
+"""Quota test fixtures: both backends, a unique Redis key prefix per test, a private redis-server to kill.
+
+`async def` tests run in a fresh event loop (no pytest-asyncio needed); gatekeepers a test opens
+through `qenv` are closed in that same loop afterwards. Under CI=true a missing Redis fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from starlette.requests import Request
+
+from gateway.quota import Gatekeeper, KeyLimits
+from gateway.settings import Settings
+from tests.conftest import ROOT, free_port, need
+
+
+class QuotaEnv:
+    """One test's world: a data dir, the backend, a Redis prefix, and the gatekeepers it opened."""
+
+    def __init__(self, tmp: Path, backend: str, redis_url: str | None, prefix: str):
+        self.tmp = tmp
+        self.backend = backend
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.opened: list[Gatekeeper] = []
+
+    def settings(self, home: Path | str | None = None, **kw) -> Settings:
+        kw.setdefault("auth", "on")
+        kw.setdefault("redis_url", self.redis_url if self.backend == "redis" else None)
+        return Settings(home=Path(home) if home else self.tmp / "home", **kw)
+
+    async def gk(self, home: Path | str | None = None, settings: Settings | None = None, **kw) -> Gatekeeper:
+        gk = await Gatekeeper.create(settings or self.settings(home), prefix=self.prefix, **kw)
+        self.opened.append(gk)
+        return gk
+
+    async def aclose(self) -> None:
+        for gk in self.opened:
+            await gk.close()
+
+
+def bearer(secret: str | None, header: str = "authorization") -> Request:
+    headers = [] if secret is None else [(header.encode(), f"Bearer {secret}".encode())]
+    return Request({"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": headers})
+
+
+async def new_key(gk: Gatekeeper, name: str = "test", models=None, **limits) -> tuple[str, object]:
+    return await gk.create_key(name, KeyLimits(**limits), tuple(models) if models else None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    if not inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    args = {a: pyfuncitem.funcargs[a] for a in pyfuncitem._fixtureinfo.argnames}
+
+    async def run():
+        try:
+            await pyfuncitem.obj(**args)
+        finally:
+            for v in args.values():
+                if isinstance(v, QuotaEnv):
+                    await v.aclose()
+
+    asyncio.run(run())
+    return True
+
+
+@pytest.fixture
+def prefix() -> str:
+    return "fmt" + uuid.uuid4().hex[:12]
+
+
+def _drop_prefix(url: str, prefix: str) -> None:
+    import redis
+
+    try:
+        r = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+        keys = list(r.scan_iter(match=f"{{{prefix}*", count=1000))
+        if keys:
+            r.delete(*keys)
+        r.close()
+    except Exception:
+        pass
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def qenv(request, tmp_path, prefix, backend) -> QuotaEnv:
+    url = request.getfixturevalue("redis_url") if backend == "redis" else None
+    env = QuotaEnv(tmp_path, backend, url, prefix)
+    yield env
+    if url:
+        _drop_prefix(url, prefix)
+
+
+@pytest.fixture
+def renv(request, tmp_path, prefix, redis_url) -> QuotaEnv:
+    """Redis only (the shared test Redis)."""
+    env = QuotaEnv(tmp_path, "redis", redis_url, prefix)
+    yield env
+    _drop_prefix(redis_url, prefix)
+
+
+@pytest.fixture
+def menv(tmp_path, prefix) -> QuotaEnv:
+    """Memory only."""
+    return QuotaEnv(tmp_path, "memory", None, prefix)
+
+
+class RedisProc:
+    """A private, diskless redis-server on a free loopback port, to kill and restart mid-test."""
+
+    def __init__(self, workdir: Path):
+        self.binary = shutil.which("redis-server")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisProc:
+        assert self.binary
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir), "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
+                return self
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def redis_proc(tmp_path) -> RedisProc:
+    need(shutil.which("redis-server") is not None, "redis-server is not installed")
+    rp = RedisProc(tmp_path)
+    rp.start()
+    yield rp
+    rp.kill()
+
+
+class Worker:
+    """A separate gateway process (tests/quota/_worker.py) sharing Redis with the test."""
+
+    def __init__(self, cfg: dict):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.quota._worker", json.dumps(cfg)], cwd=ROOT, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put("")
+
+    def wait_ready(self, timeout: float = 60) -> Worker:
+        line = self._line(timeout)
+        if line.strip() != "ready":
+            raise RuntimeError(f"worker did not start: {line!r} {self.stderr()}")
+        return self
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def result(self, timeout: float = 60) -> dict:
+        line = self._line(timeout)
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            raise RuntimeError(f"worker said {line!r}: {self.stderr()}") from None
+
+    def _line(self, timeout: float) -> str:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            self.kill()
+            raise TimeoutError(f"worker silent for {timeout}s: {self.stderr()}") from None
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None:
+            return "(running)"
+        return (self.proc.stderr.read() if self.proc.stderr else "")[-3000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def workers():
+    started: list[Worker] = []
+
+    def start(cfg: dict) -> Worker:
+        w = Worker(cfg)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.kill()
