@@ -557,6 +557,12 @@ def test_one_box_persistent_cache(rendered):
     assert pvc["spec"]["storageClassName"] == "fast-ssd"
     assert pvc["spec"]["resources"]["requests"]["storage"] == "50Gi"
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    # The API server refuses rollingUpdate beside Recreate; the default's rollingUpdate must not leak in.
+    assert one(docs, "Deployment", FULLNAME)["spec"]["strategy"] == {"type": "Recreate"}
+    assert one(rendered["defaults"], "Deployment")["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
 
 
 def test_values_yaml_documents_every_top_level_key(schema):
