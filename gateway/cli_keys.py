@@ -85,10 +85,10 @@ def list_keys(as_json: bool = typer.Option(False, "--json", help="print JSON")):
         typer.echo(json.dumps(rows))
         return
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    table = Table("id", "name", "created", "status", "rpm", "tpm", "tokens/day", "tokens/month", "concurrent",
-                  "models")
+    table = Table(Column("id", no_wrap=True, min_width=12), "name", "created", "status", "rpm", "tpm",
+                  "tokens/day", "tokens/month", "concurrent", "models")
     for r in rows:
         table.add_row(
             r["id"], r["name"], r["created_at"], "revoked" if r["revoked_at"] else "active",
@@ -129,9 +129,10 @@ def usage(
         typer.echo(json.dumps(rows))
         return
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    table = Table("date", "key", "name", "model", "requests", "prompt", "completion", "total")
+    table = Table(Column("date", no_wrap=True, min_width=10), Column("key", no_wrap=True, min_width=12), "name",
+                  "model", "requests", "prompt", "completion", "total")
     for r in rows:
         table.add_row(r["date"], r["key_id"], r["key_name"] or "", r["model"], str(r["requests"]),
                       str(r["prompt_tokens"]), str(r["completion_tokens"]), str(r["total_tokens"]))

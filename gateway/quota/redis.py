@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.metrics import REDIS_ERRORS
@@ -41,10 +42,12 @@ def connect(url: str) -> aioredis.Redis:
     # One immediate retry covers a pooled connection that died with a Redis restart; every script is
     # idempotent (lease ids, batch ids), so a retried call cannot charge twice. No backoff: a down
     # Redis must fail fast, not stall requests.
-    # A bounded pool that makes a burst wait briefly for a connection instead of failing.
+    # A bounded pool that makes a burst wait briefly for a connection instead of failing. Timeouts are
+    # not retried: a slow Redis should cost one timeout, not two.
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=64, timeout=2.0, decode_responses=True, socket_timeout=1.0,
-        socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1), health_check_interval=0,
+        url, max_connections=64, timeout=2.0, decode_responses=True, socket_timeout=2.0,
+        socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        health_check_interval=0,
     )
     return aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
 

@@ -52,18 +52,19 @@ async def main(cfg: dict) -> None:
     elif scenario == "poll":
         # Admit (and settle) every `every_s` until refused with 401 or `for_s` passes; report when.
         deadline = time.time() + cfg["for_s"]
-        ok = 0
+        ok, last_ok_started = 0, 0.0
+        out = {"status": 200, "ok": 0}
         while time.time() < deadline:
+            started = time.time()
             try:
                 g = await gk.admit(principal, "m", 1)
                 await g.settle(1, 0)
-                ok += 1
+                ok, last_ok_started = ok + 1, started
             except APIError as e:
-                out = {"status": e.status, "at": time.time(), "ok": ok}
+                out = {"status": e.status, "refused_started": started, "at": time.time()}
                 break
             await asyncio.sleep(cfg["every_s"])
-        else:
-            out = {"status": 200, "at": time.time(), "ok": ok}
+        out.update(ok=ok, last_ok_started=last_ok_started)
     await gk.close()
     print(json.dumps(out), flush=True)
 
