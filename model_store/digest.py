@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -75,4 +76,5 @@ class HashCache:
                 os.replace(tmp, self.path)
                 self._dirty = False
             except OSError:
-                tmp.unlink(missing_ok=True)  # a read-only cache only costs re-hashing next time
+                with contextlib.suppress(OSError):  # a read-only cache only costs re-hashing next time
+                    tmp.unlink(missing_ok=True)

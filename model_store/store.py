@@ -285,7 +285,9 @@ class ModelStore:
         sel = {"chosen": r.name, "why": f"variant {r.name!r} set explicitly (gate: {why})", "override": True,
                "passes": ok, "candidates": [], "gate": asdict(self.gate), "reference": ref.name}
         art = self._artifact(vm, sel, task)
+        q.pop("tokens", None)
         art.quality = q
+        art.manifest["quality"] = q
         return art
 
     def _ensure_variant(self, src: Source, r: Recipe, hw: HardwareProfile) -> dict:
@@ -317,6 +319,7 @@ class ModelStore:
             ref_dir = self.cache.artifacts / ref_m["key"]
             if r.task == "embed":
                 reference = embed_sentences(ref_dir, self._threads(hw))
+        log.info("building variant %s of %s (%s)", r.name, src.name, src.digest[:19])
         scratch = self.cache.scratch(f"build-{r.name}-")
         out, work = scratch / "out", scratch / "work"
         out.mkdir()
