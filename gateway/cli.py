@@ -52,10 +52,13 @@ def serve(
         typer.echo(f"fmgate: invalid settings: {exc}", err=True)
         raise typer.Exit(2) from None
     logs.setup(settings.log_level, settings.log_json)
-    if settings.workers > 1 and not settings.redis_url:
-        typer.echo("fmgate: more than one worker needs FMGATE_REDIS_URL: per-worker quota counters are not "
-                   "exact. Use one worker, or set a Redis URL.", err=True)
-        raise typer.Exit(2)
+    from .quota import check_settings
+
+    try:
+        check_settings(settings)
+    except ValueError as exc:
+        typer.echo(f"fmgate: {exc}", err=True)
+        raise typer.Exit(2) from None
     _run(settings)
 
 
@@ -97,24 +100,18 @@ class _DrainingServer:
         return Server(config)
 
 
-def _mount_optional() -> None:
+def _mount_subcommands() -> None:
     """Subcommands that live with their packages."""
-    try:
-        from .cli_keys import keys_app
+    from model_store.cli import hw_command, models_app
 
-        app.add_typer(keys_app, name="keys", help="Create, list and revoke API keys; read usage.")
-    except ImportError:
-        pass
-    try:
-        from model_store.cli import hw_command, models_app
+    from .cli_keys import keys_app
 
-        app.add_typer(models_app, name="models", help="Pull, list, show, verify and prune models.")
-        app.command("hw", help="Show this machine's hardware profile.")(hw_command)
-    except ImportError:
-        pass
+    app.add_typer(keys_app, name="keys", help="Create, list and revoke API keys; read usage.")
+    app.add_typer(models_app, name="models", help="Pull, list, show, verify and prune models.")
+    app.command("hw", help="Show this machine's hardware profile.")(hw_command)
 
 
-_mount_optional()
+_mount_subcommands()
 
 
 def main() -> None:
