@@ -1,0 +1,392 @@
+"""Re-pack a GGUF's own quantized blocks into an onnxruntime-genai int4 build, losslessly.
+
+Quantizing the dequantized GGUF a second time (genai int4/int8) compounds two rounding errors and
+visibly changes answers. Here the builder's graph is kept and only its weights are replaced by the
+GGUF's blocks, so the ONNX model multiplies by exactly the weights llama.cpp uses:
+
+* Q4_0 block (d, q): w = d*(q-8) is MatMulNBits' own 4-bit format with its default zero point 8.
+* Q4_1 block (d, m, q): w = d*q + m needs a non-integer zero point -m/d. ORT accepts float zero
+  points, but its CPU kernel then dequantizes the whole matrix on every call (~15x slower), so we
+  split it instead: x·w = MatMulNBits(x; q, d, zp=8) + blocksum(x)·(m + 8d). The second term is a
+  tiny fp32 MatMul over K/32 block sums, shared per input.
+* Q8_0 block (d, q int8): 8-bit MatMulNBits with q+128 and the default zero point 128. Its CPU
+  kernel only exists for accuracy_level 4; for the fp32 levels the byte is split into two 4-bit
+  halves (16*d*hi + d*lo) over a doubled K. The tied embedding becomes a GatherBlockQuantized
+  over the same bytes.
+
+GGUF stores each 32-block as 16 bytes with elements 0-15 in the low nibbles and 16-31 in the high
+ones; MatMulNBits packs consecutive pairs (low, high). llama's Q/K rows are permuted by the GGUF
+converter for its rotary layout; transformers (and so the builder) undoes that, and so do we.
+
+accuracy_level 4 (the builder's default) quantizes activations to int8 per 32-block, as llama.cpp's
+own Q8_1 activation path does; levels 0/1 keep them fp32 and then match an fp32 build to ~1e-6.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import StoreError
+
+log = logging.getLogger("fmgate.model_store")
+
+BLOCK = 32
+MS_DOMAIN = "com.microsoft"
+# Initializer names the onnxruntime-genai builder gives its MatMulNBits weights.
+_LAYER_B = re.compile(r"^model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.MatMul\.weight_Q4$")
+_HEAD_B = "lm_head.MatMul.weight_Q4"
+# Builder projection → GGUF tensors whose rows it concatenates, in order.
+_PROJ = {
+    "qkv_proj": ("attn_q", "attn_k", "attn_v"),
+    "q_proj": ("attn_q",),
+    "k_proj": ("attn_k",),
+    "v_proj": ("attn_v",),
+    "o_proj": ("attn_output",),
+    "gate_proj": ("ffn_gate",),
+    "up_proj": ("ffn_up",),
+    "gate_up_proj": ("ffn_gate", "ffn_up"),
+    "down_proj": ("ffn_down",),
+}
+
+
+@dataclass
+class _Blocks:
+    """One weight [rows, K] as GGUF blocks, decoded but not dequantized."""
+
+    kind: str  # "q4" (w = d*(q-8) + c) or "q8" (w = d*q)
+    q: np.ndarray  # q4: uint8 [R, K] in 0..15; q8: int8 [R, K]
+    d: np.ndarray  # float32 [R, K/32]
+    c: np.ndarray | None = None  # q4 only: float32 [R, K/32] per-block offset, None when all zero
+
+    def rows(self, idx: np.ndarray) -> _Blocks:
+        return _Blocks(self.kind, self.q[idx], self.d[idx], None if self.c is None else self.c[idx])
+
+    def dequantize(self) -> np.ndarray:
+        r, k = self.q.shape
+        q = self.q.astype(np.float32).reshape(r, -1, BLOCK)
+        if self.kind == "q8":
+            return (q * self.d[..., None]).reshape(r, k)
+        w = (q - 8) * self.d[..., None]
+        return (w if self.c is None else w + self.c[..., None]).reshape(r, k)
+
+    @staticmethod
+    def concat(parts: list[_Blocks]) -> _Blocks:
+        kinds = {p.kind for p in parts}
+        if len(kinds) != 1:
+            raise StoreError(f"fused projection mixes GGUF block types {sorted(kinds)}; not supported")
+        cs = None
+        if any(p.c is not None for p in parts):
+            cs = np.concatenate([np.zeros_like(p.d) if p.c is None else p.c for p in parts])
+        return _Blocks(parts[0].kind, np.concatenate([p.q for p in parts]),
+                       np.concatenate([p.d for p in parts]), cs)
+
+
+def _fp16(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _decode(tensor) -> _Blocks:
+    """Split a GGUF tensor's raw blocks into quantized values and per-block constants."""
+    kind = tensor.tensor_type.name
+    rows = int(tensor.shape[-1]) if len(tensor.shape) > 1 else 1
+    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, -1)
+    if kind in ("Q4_0", "Q4_1"):
+        size = 18 if kind == "Q4_0" else 20
+        raw = raw.reshape(rows, -1, size)
+        qs = raw[..., size - 16:]
+        # Elements 0-15 sit in the low nibbles, 16-31 in the high ones.
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, -1)
+        d = _fp16(raw[..., 0:2])
+        if kind == "Q4_0":
+            return _Blocks("q4", q, d)
+        # d*q + m == d*(q-8) + (m + 8d): keeps the default zero point 8, and the offset small.
+        return _Blocks("q4", q, d, _fp16(raw[..., 2:4]) + 8.0 * d)
+    if kind == "Q8_0":
+        raw = raw.reshape(rows, -1, 34)
+        return _Blocks("q8", raw[..., 2:].copy().view(np.int8).reshape(rows, -1), _fp16(raw[..., 0:2]))
+    raise StoreError(f"GGUF tensor {tensor.name} is {kind}; only Q4_0, Q4_1 and Q8_0 re-pack losslessly")
+
+
+def _unpermute(rows: int, heads: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's convert-time Q/K permutation (as transformers does)."""
+    return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(rows)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """uint8 values 0..15 [..., 2n] → bytes [..., n], consecutive pairs (low, high)."""
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+class _Graph:
+    """Just enough ONNX graph editing: initializers by name, nodes added around or instead of others.
+
+    Nodes are keyed by their position in the original list: protobuf wrappers have no stable id().
+    """
+
+    def __init__(self, model: Any):
+        from onnx import helper, numpy_helper
+
+        self.g, self.nh, self.helper = model.graph, numpy_helper, helper
+        self.inits = {t.name: t for t in self.g.initializer}
+        self.before: dict[int, list] = {}
+        self.after: dict[int, list] = {}
+        self.dropped: set[int] = set()
+        self._counter = 0
+
+    def name(self, base: str) -> str:
+        self._counter += 1
+        return f"{base}/gguf_{self._counter}"
+
+    def array(self, name: str) -> np.ndarray:
+        return self.nh.to_array(self.inits[name])
+
+    def set(self, name: str, arr: np.ndarray) -> str:
+        tensor = self.nh.from_array(np.ascontiguousarray(arr), name)
+        if name in self.inits:
+            self.inits[name].CopyFrom(tensor)
+        else:
+            self.g.initializer.append(tensor)
+            self.inits[name] = self.g.initializer[-1]
+        return name
+
+    def add(self, where: dict[int, list], pos: int, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
+        domain = MS_DOMAIN if op in ("MatMulNBits", "GatherBlockQuantized") else ""
+        where.setdefault(pos, []).append(self.helper.make_node(op, inputs, [output], name=output, domain=domain,
+                                                               **attrs))
+        return output
+
+    def commit(self) -> None:
+        """Apply the insertions, then drop nodes and initializers nothing reads any more."""
+        nodes = []
+        for i, node in enumerate(self.g.node):
+            nodes.extend(self.before.get(i, []))
+            if i not in self.dropped:
+                nodes.append(node)
+            nodes.extend(self.after.get(i, []))
+        outputs = {o.name for o in self.g.output}
+        while True:  # e.g. the builder's Reshape feeding a replaced shared-embedding gather
+            used = {i for n in nodes for i in n.input} | outputs
+            live = [n for n in nodes if any(o in used for o in n.output)]
+            if len(live) == len(nodes):
+                break
+            nodes = live
+        del self.g.node[:]
+        self.g.node.extend(nodes)
+        keep = [t for t in self.g.initializer if t.name in used]
+        del self.g.initializer[:]
+        self.g.initializer.extend(keep)
+
+
+def _attr(node, name: str, default=None):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _set_attrs(node, **attrs) -> None:
+    from onnx import helper
+
+    keep = [a for a in node.attribute if a.name not in attrs]
+    del node.attribute[:]
+    node.attribute.extend(keep + [helper.make_attribute(k, v) for k, v in attrs.items()])
+
+
+def _check_close(name: str, old: np.ndarray, new: np.ndarray) -> None:
+    """Guard against a wrong row order: the builder's own int4 weights are a noisy copy of ours."""
+    err = float(np.linalg.norm(old - new) / max(float(np.linalg.norm(new)), 1e-30))
+    if err > 0.5:
+        raise StoreError(f"{name}: the GGUF weights do not line up with the ONNX build's "
+                         f"(relative difference {err:.2f}); built from a different model?")
+
+
+def _old_int4(g: _Graph, node, rows: np.ndarray) -> np.ndarray:
+    """Dequantize some rows of the builder's MatMulNBits weight (uint8 zero points or the default 8)."""
+    b = g.array(node.input[1])[rows]
+    s = g.array(node.input[2]).astype(np.float32).reshape(-1, b.shape[1])[rows]
+    n, nb, _ = b.shape
+    q = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, nb, BLOCK).astype(np.float32)
+    zp = np.full((n, nb), 8.0, np.float32)
+    if len(node.input) > 3 and node.input[3]:
+        z = g.array(node.input[3])
+        z = z.reshape(-1, z.size // int(_attr(node, "N")))[rows]
+        zp = (np.stack([z & 0x0F, z >> 4], axis=-1).reshape(n, -1)[:, :nb] if z.dtype == np.uint8
+              else z).astype(np.float32)
+    return ((q - zp[..., None]) * s.reshape(n, nb)[..., None]).reshape(n, -1)
+
+
+def repack_gguf_weights(gguf_path: Path, model_dir: Path, accuracy_level: int | None = None) -> dict:
+    """Rewrite, in place, the MatMulNBits weights of an onnxruntime-genai int4 (block_size=32) build of
+    the same model with the GGUF's own quantized blocks. Returns a summary (tensors repacked, bytes).
+
+    accuracy_level None keeps the builder's (4: int8 activations, the fast path); 0/1 computes in fp32.
+    """
+    import onnx
+    from gguf import GGUFReader
+
+    gguf_path, model_dir = Path(gguf_path), Path(model_dir)
+    onnx_path = model_dir / "model.onnx"
+    if not onnx_path.exists():
+        raise StoreError(f"{model_dir}: no model.onnx to re-pack")
+    reader = GGUFReader(gguf_path)
+    arch_field = reader.fields.get("general.architecture")
+    arch = arch_field.contents() if arch_field else None
+    if arch != "llama":
+        raise StoreError(f"{gguf_path.name}: architecture {arch!r}; only llama GGUFs are re-packed")
+    heads = int(reader.fields["llama.attention.head_count"].contents())
+    kv_field = reader.fields.get("llama.attention.head_count_kv")
+    kv_heads = int(kv_field.contents()) if kv_field else heads
+    tensors = {t.name: t for t in reader.tensors}
+
+    def blocks(name: str) -> _Blocks:
+        if name not in tensors:
+            raise StoreError(f"{gguf_path.name}: no tensor {name}")
+        b = _decode(tensors[name])
+        if ".attn_q." in name:
+            b = b.rows(_unpermute(b.q.shape[0], heads))
+        elif ".attn_k." in name:
+            b = b.rows(_unpermute(b.q.shape[0], kv_heads))
+        return b
+
+    model = onnx.load(str(onnx_path))
+    g = _Graph(model)
+    summary: dict[str, Any] = {"gguf": gguf_path.name, "repacked": 0, "corrections": 0, "tensors": {}}
+    levels: set[int] = set()
+    blocksums: dict[tuple[str, int], str] = {}  # (activation, K) → its per-block sums
+    head_q8: str | None = None  # lm_head's 8-bit B when it is the tied Q8_0 token_embd
+
+    for pos, node in enumerate(g.g.node):
+        if node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN:
+            continue
+        b_name = node.input[1]
+        if b_name == _HEAD_B:
+            sources = ["output.weight" if "output.weight" in tensors else "token_embd.weight"]
+        elif (m := _LAYER_B.match(b_name)) and m.group(3) in _PROJ:
+            sources = [f"blk.{m.group(1)}.{t}.weight" for t in _PROJ[m.group(3)]]
+        else:
+            raise StoreError(f"{node.name}: cannot tell which GGUF tensor {b_name} comes from")
+        if _attr(node, "block_size") != BLOCK or _attr(node, "bits") != 4:
+            raise StoreError(f"{node.name}: expected a 4-bit, block_size 32 build")
+        k, n = int(_attr(node, "K")), int(_attr(node, "N"))
+        w = _Blocks.concat([blocks(s) for s in sources])
+        if w.q.shape != (n, k):
+            raise StoreError(f"{node.name}: GGUF {sources} is {w.q.shape}, the ONNX weight is {(n, k)}")
+        sample = np.arange(0, n, max(1, n // 512))  # enough rows to catch a misordering, cheaply
+        _check_close(node.name, _old_int4(g, node, sample), w.rows(sample).dequantize())
+        acc = int(_attr(node, "accuracy_level", 0) if accuracy_level is None else accuracy_level)
+        levels.add(acc)
+        nb, scales, a_in = k // BLOCK, node.input[2], node.input[0]
+        inputs = [a_in, b_name, scales]
+
+        if w.kind == "q4":
+            g.set(b_name, _pack_nibbles(w.q).reshape(n, nb, BLOCK // 2))
+            g.set(scales, w.d)
+            _set_attrs(node, accuracy_level=acc)
+        elif acc == 4:
+            # Q8_0 → 8-bit MatMulNBits: q+128 with the default zero point 128.
+            g.set(b_name, (w.q.astype(np.int16) + 128).astype(np.uint8).reshape(n, nb, BLOCK))
+            g.set(scales, w.d)
+            _set_attrs(node, bits=8, accuracy_level=acc)
+            head_q8 = b_name if sources == ["token_embd.weight"] else None
+        else:
+            # No fp32-compute 8-bit kernel on CPU (it dequantizes per call): d*q = 16d*hi + d*lo,
+            # as one 4-bit MatMulNBits over [x, x] with K doubled and zero points 8 | 0.
+            hi = ((w.q.astype(np.int16) >> 4) + 8).astype(np.uint8)
+            lo = (w.q.astype(np.int16) & 0x0F).astype(np.uint8)
+            g.set(b_name, _pack_nibbles(np.concatenate([hi, lo], axis=1)).reshape(n, 2 * nb, BLOCK // 2))
+            g.set(scales, np.concatenate([16.0 * w.d, w.d], axis=1))
+            zp = np.concatenate([np.full((n, nb), 8, np.uint8), np.zeros((n, nb), np.uint8)], axis=1)
+            zp_name = g.set(b_name.replace(".weight_Q4", ".gguf_zero_points"), _pack_nibbles(zp))
+            doubled = g.add(g.before, pos, "Concat", [a_in, a_in], g.name(node.name + "/A2"), axis=-1)
+            inputs = [doubled, b_name, scales, zp_name]
+            _set_attrs(node, K=2 * k, accuracy_level=acc)
+        del node.input[:]
+        node.input.extend(inputs)
+
+        if w.c is not None:
+            # Q4_1's offset: y += (per-block sums of x) · c, an fp32 MatMul over K/32 columns.
+            if (a_in, k) not in blocksums:
+                ind = g.set(f"gguf_native.blocksum_{k}",
+                            np.kron(np.eye(nb, dtype=np.float32), np.ones((BLOCK, 1), np.float32)))  # [K, nb]
+                blocksums[a_in, k] = g.add(g.before, pos, "MatMul", [a_in, ind],
+                                           g.name(a_in.rsplit("/", 1)[0] + "/blocksum"))
+            offset = g.set(b_name.replace(".weight_Q4", ".gguf_offset"), w.c.T)
+            out, node.output[0] = node.output[0], g.name(node.name + "/main")
+            corr = g.add(g.after, pos, "MatMul", [blocksums[a_in, k], offset], g.name(node.name + "/offset"))
+            g.add(g.after, pos, "Add", [node.output[0], corr], out)
+            summary["corrections"] += 1
+        summary["repacked"] += 1
+        summary["tensors"].update({s: tensors[s].tensor_type.name for s in sources})
+
+    summary["accuracy_level"] = sorted(levels)
+    summary["embedding"] = _replace_embedding(g, tensors["token_embd.weight"], blocks, head_q8)
+    g.commit()
+    summary["bytes"] = _save(model, model_dir)
+    log.info("re-packed %d GGUF weights into %s (%d offset terms, %.1f MB)", summary["repacked"],
+             model_dir, summary["corrections"], summary["bytes"] / 1e6)
+    return summary
+
+
+def _replace_embedding(g: _Graph, table: Any, blocks: Callable[[str], _Blocks], head_q8: str | None) -> str:
+    """The input embedding straight from the GGUF's token_embd: GatherBlockQuantized over its Q8_0
+    bytes (the very initializer of an 8-bit lm_head when tied), else an fp32 Gather of the exactly
+    dequantized table. Replaces the builder's Gather or (shared_embeddings) GatherBlockQuantized."""
+    found = [(i, n) for i, n in enumerate(g.g.node)
+             if n.op_type in ("Gather", "GatherBlockQuantized") and n.input[1] == "input_ids"]
+    if len(found) != 1:
+        raise StoreError(f"expected one embedding lookup of input_ids in the ONNX build, found {len(found)}")
+    pos, node = found[0]
+    g.dropped.add(pos)
+    vocab, hidden = int(table.shape[-1]), int(table.shape[0])
+    if table.tensor_type.name != "Q8_0":
+        import gguf
+
+        dense = gguf.quants.dequantize(np.asarray(table.data), table.tensor_type).astype(np.float32)
+        weight = g.set("model.embed_tokens.weight", dense.reshape(vocab, hidden))
+        g.add(g.before, pos, "Gather", [weight, node.input[1]], node.output[0])
+        return f"{table.tensor_type.name} → fp32 Gather"
+    nb, w = hidden // BLOCK, blocks("token_embd.weight")
+    data = head_q8 or g.set("model.embed_tokens.weight_Q8",
+                            (w.q.astype(np.int16) + 128).astype(np.uint8).reshape(vocab, nb, BLOCK))
+    scales = g.set("model.embed_tokens.scales_Q8", w.d.reshape(vocab, nb, 1))
+    shape = g.set("gguf_native.embed_shape", np.array([0, 0, hidden], np.int64))
+    # [batch, seq, blocks, 32] (quantized along the last axis, like lm_head's B), then back to hidden.
+    gathered = g.add(g.before, pos, "GatherBlockQuantized", [data, node.input[1], scales],
+                     g.name(node.name + "/blocks"), bits=8, block_size=BLOCK, quantize_axis=2, gather_axis=0)
+    g.add(g.before, pos, "Reshape", [gathered, shape], node.output[0])
+    return "Q8_0 GatherBlockQuantized" + (", bytes shared with lm_head" if head_q8 else "")
+
+
+def _save(model, model_dir: Path) -> int:
+    """Write model.onnx + model.onnx.data next to the old ones, then swap them in."""
+    import onnx
+
+    tmp = Path(tempfile.mkdtemp(prefix=".gguf-native-", dir=model_dir))
+    try:
+        onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+        mode = 0o666 & ~_umask()
+        for name in ("model.onnx.data", "model.onnx"):  # data first: the graph names it
+            os.chmod(tmp / name, mode)
+            os.replace(tmp / name, model_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sum((model_dir / n).stat().st_size for n in ("model.onnx", "model.onnx.data"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
