@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 T0=$(date +%s)
 say() { echo "[gpu_check +$(( $(date +%s) - T0 ))s] $*"; }
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 # 1. carried wheels
 if [ -z "${SKIP_WHEELS:-}" ] && compgen -G ".whl/*.whl" >/dev/null; then
@@ -41,7 +41,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,nohe
 
 # 2. GPU tests (the CPU-math ones too: they run the same code under this machine's versions)
 say "tests/gpu"
-[ -n "${SKIP_TESTS:-}" ] || timeout 200 $PY -m pytest tests/gpu -q -p no:cacheprovider -o addopts="-ra --strict-markers" 2>&1 | tail -40 >"$OUT/tests.log"
+[ -n "${SKIP_TESTS:-}" ] || timeout 200 $PY -m pytest tests/gpu -q -p no:cacheprovider -o addopts="-ra --strict-markers" --tb=short 2>&1 | tail -250 >"$OUT/tests.log"
 say "tests: $(tail -1 "$OUT/tests.log")"
 
 # 3. artifacts, server, load

@@ -44,7 +44,7 @@ def test_bf16_close_to_transformers(tiny_llama):
         ref = model(torch.tensor([prompt], device="cuda")).logits[0, -1]
     out = r.prefill(0, prompt)[0].float()
     rel = float((out - ref).norm() / ref.norm())
-    assert rel < 2e-2, rel
+    assert rel < 3e-2, rel
 
 
 def test_encoder_bf16_close(tiny_bert):
