@@ -78,7 +78,11 @@ class OrtCausalLM:
             cfg = _model_dims(folder)
             self.kv_heads = self.kv_heads if isinstance(self.kv_heads, int) else cfg["kv_heads"]
             self.head_dim = self.head_dim if isinstance(self.head_dim, int) else cfg["head_dim"]
-        self.present = [n for n in self.names if n.startswith("present")]
+        # Present outputs in the order of the past inputs they feed (genai lists all keys, then values).
+        self.present = [n.replace("past_key_values.", "present.", 1) for n in self.past]
+        missing = set(self.present) - set(self.names)
+        if missing:
+            raise ValueError(f"model outputs lack {sorted(missing)[:2]}")
 
     def forward(self, ids: np.ndarray, past: list[np.ndarray] | None):
         b, t = ids.shape
