@@ -14,7 +14,11 @@ from transformers import AutoTokenizer
 from tests.conftest import CHAT_MODEL, EMBED_MODEL
 
 pytestmark = pytest.mark.e2e
-PARIS = [{"role": "user", "content": "What is the capital of France?"}]
+# With SmolLM2's built-in default system prompt the first answer token is a near tie (fp32: "The" 0.152,
+# "L" 0.140), and every quantized build of the Q4_1 GGUF, llama.cpp's own included, tips to "L'Étoile...".
+# A plain system message makes the question well posed; tests/scheduler checks the bare prompt on fp32.
+PARIS = [{"role": "system", "content": "You are a helpful assistant."},
+         {"role": "user", "content": "What is the capital of France?"}]
 
 
 def test_models_list_shows_variant_and_quality(server):

@@ -48,7 +48,11 @@ async def main(cfg: dict) -> None:
             await asyncio.sleep(cfg["hold_s"])
         use = cfg.get("use")
         if use is not None:
+            # Hold the grants until told: then everyone's reservations are outstanding at once.
+            print(json.dumps(out), flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
             await asyncio.gather(*(g.settle(use[0], use[1]) for g in granted))
+            out = {"settled": len(granted)}
     elif scenario == "poll":
         # Admit (and settle) every `every_s` until refused with 401 or `for_s` passes; report when.
         deadline = time.time() + cfg["for_s"]

@@ -68,9 +68,16 @@ def pytest_pyfunc_call(pyfuncitem):
     args = {a: pyfuncitem.funcargs[a] for a in pyfuncitem._fixtureinfo.argnames}
 
     async def run():
+        async def watchdog():  # a hung test prints where every task waits, before pytest-timeout hits
+            await asyncio.sleep(float(os.environ.get("FMGATE_TEST_WATCHDOG_S", "100")))
+            for t in asyncio.all_tasks():
+                t.print_stack(file=sys.stderr)
+        wd = asyncio.create_task(watchdog())
         try:
             await pyfuncitem.obj(**args)
         finally:
+            wd.cancel()
+            wd = asyncio.create_task(watchdog())
             for v in args.values():
                 if isinstance(v, QuotaEnv):
                     await v.aclose()

@@ -47,9 +47,12 @@ async def test_reservation_across_processes_never_overruns(renv, workers):
     ws = _start(workers, renv, rec.id, 2, n=10, reserve=100, use=[10, 20])
     for w in ws:
         w.go()
-    results = [w.result() for w in ws]
+    results = [w.result() for w in ws]  # all grants still held: every reservation outstanding
     assert sum(r["reserved"] for r in results) == 1000, results
     assert sum(r["admitted"] for r in results) == 10
+    for w in ws:
+        w.go()  # now settle
+    assert sum(w.result()["settled"] for w in ws) == 10
     # The refunds are visible to everyone: 300 used, so 7 of 10 new 100-token reservations fit.
     p = Principal(rec.id, "t")
     ok = 0

