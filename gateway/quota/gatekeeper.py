@@ -25,7 +25,7 @@ from gateway.quota.keys import (
 )
 from gateway.quota.manage import KeyManager
 from gateway.quota.memory import MemoryLimiter
-from gateway.quota.redis import RedisLimiter, Unavailable
+from gateway.quota.redis import RedisLimiter, Unavailable, stop_task
 from gateway.quota.store import Store
 
 if TYPE_CHECKING:
@@ -157,12 +157,7 @@ class Gatekeeper:
             return
         self._closed = True
         for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
+            await stop_task(t)
         await self.flush_usage()
         await self.limiter.close()
         await asyncio.to_thread(self.store.close)
@@ -288,7 +283,7 @@ class Gatekeeper:
     # Background work.
     async def _renew_loop(self) -> None:
         interval = max(0.05, self.lease_ttl_s / 3)
-        while True:
+        while not self._closed:
             await asyncio.sleep(interval)
             leases: dict[str, list[str]] = {}
             for g in list(self._live):
@@ -324,7 +319,7 @@ class Gatekeeper:
                     cur[i] += v[i]
 
     async def _flush_loop(self) -> None:
-        while True:
+        while not self._closed:
             await asyncio.sleep(self.flush_interval_s)
             await self.flush_usage()
 

@@ -34,6 +34,17 @@ MAX_PENDING_SETTLES = 100_000
 MAX_PENDING_WINDOW = 10_000
 
 
+async def stop_task(task: asyncio.Task, timeout: float = 5.0) -> None:
+    """Cancel a background loop and wait for it. The loops also check a closing flag, because a
+    cancellation that lands inside a Redis call can come back as a connection error and be absorbed."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:  # pragma: no cover - the flag makes this unreachable short of a bug
+        log.warning("background task %s did not stop", task.get_name())
+    elif not task.cancelled() and task.exception() is not None:
+        log.warning("background task %s failed: %r", task.get_name(), task.exception())
+
+
 class Unavailable(Exception):
     """Redis did not answer; the caller applies the fail mode."""
 
@@ -75,6 +86,7 @@ class RedisLimiter:
         self._frozen: list[tuple[str, str, dict]] = []  # (key id, batch id, charges) being replayed
         self._touched: set[str] = set()
         self._task: asyncio.Task | None = None
+        self._closing = False
         self._replay_lock = asyncio.Lock()
 
     # Layout.
@@ -368,7 +380,7 @@ class RedisLimiter:
 
     async def _loop(self) -> None:
         last_full = 0.0
-        while True:
+        while not self._closing:
             await asyncio.sleep(0.5 if self.pending else self.sync_interval_s)
             try:
                 if self.pending:
@@ -400,12 +412,9 @@ class RedisLimiter:
         self._task = asyncio.create_task(self._loop(), name="fmgate-quota-sync")
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await stop_task(self._task)
             self._task = None
         if self.pending:
             self._down_until = 0.0
