@@ -288,7 +288,8 @@ def runner_only(folder: Path, batches: list[int], steps: int = 128) -> dict:
 
 
 def hf_generate(folder: Path, batches: list[int], new_tokens: int = 128, prompt_len: int = 32) -> dict:
-    """Plain transformers `generate`, bf16, default (eager, dynamic cache) decoding, batched, greedy."""
+    """Plain transformers `generate`, bf16, default (eager, dynamic cache) decoding, batched, greedy.
+    Measured as is (`b<N>`) and with min_new_tokens forcing exactly `new_tokens` (`min_b<N>`)."""
     import torch
     import transformers
 
@@ -298,17 +299,19 @@ def hf_generate(folder: Path, batches: list[int], new_tokens: int = 128, prompt_
     out = {"transformers": transformers.__version__, "torch": torch.__version__,
            "attn_implementation": getattr(model.config, "_attn_implementation", None)}
     g = torch.Generator().manual_seed(0)
-    for b in [1, *batches]:  # the first batch-1 run is a warm-up
+    runs = [("b", 1, {})] + [("b", b, {}) for b in batches] + [("min_b", b, {"min_new_tokens": new_tokens})
+                                                               for b in batches]
+    for prefix, b, extra in runs:  # the first batch-1 run is a warm-up
         ids = torch.randint(100, 40000, (b, prompt_len), generator=g).to(dev)
         _sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
             res = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=2)
+                                 do_sample=False, pad_token_id=2, **extra)
         _sync()
         dt = time.perf_counter() - t0
         made = (res.shape[1] - prompt_len) * b
-        out[f"b{b}"] = {"tok_s": round(made / dt, 1), "s": round(dt, 3)}
+        out[f"{prefix}{b}"] = {"tok_s": round(made / dt, 1), "s": round(dt, 3), "new_tokens": res.shape[1] - prompt_len}
     return out
 
 
@@ -354,6 +357,9 @@ def report(out: Path) -> str:
         ratio = f"{row.get('tok_s', 0) / base:.1f}x" if base and row.get("tok_s") else "-"
         lines.append(f"| {c} | {row.get('tok_s')} | {row.get('per_stream_tok_s_p50')} | {row.get('ttft_p50_ms')} "
                      f"| {base} | {ratio} |")
+    if hf:
+        lines += ["", "transformers generate with min_new_tokens=128 (exactly 128 new tokens): " + ", ".join(
+            f"batch {k[5:]} {v['tok_s']} tok/s" for k, v in hf.items() if k.startswith("min_b")) + "."]
     if run:
         lines += ["", "Runner alone (no scheduler, no HTTP), decode after a 32-token prefill: " + ", ".join(
             f"batch {k[1:]} {v['tok_s']} tok/s ({v['step_ms']} ms/step)" for k, v in run.items()

@@ -34,8 +34,8 @@ MARKER = "fmgate_torch.json"
 DEFAULT_MAX_SEQS = 256  # when the config leaves max_num_seqs at its default
 KV_FRACTION = 0.5
 RESERVE_BYTES = 2 << 30  # activations, graph pools, cuBLAS workspaces, the logits buffers
-GPU_EMBED_BATCH = 512
-GPU_EMBED_WAIT_MS = 1.0
+GPU_EMBED_BATCH = 256  # a full batch goes at once; the batcher waits for company only below it
+GPU_EMBED_WAIT_MS = 0.5
 GPU_EMBED_BATCH_TOKENS = 131072
 
 
