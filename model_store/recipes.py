@@ -167,7 +167,7 @@ def quiet() -> Iterator[io.StringIO]:
     old = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
     old_disable = logging.root.manager.disable
-    logging.disable(logging.INFO)  # onnxruntime.quantization logs every tensor on the root logger
+    logging.disable(logging.WARNING)  # onnxruntime.quantization logs every tensor on the root logger
     try:
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
             yield buf

@@ -377,7 +377,7 @@ class ModelStore:
                 return final
             tmp = self.cache.scratch("stage-")
             try:
-                with self._reporter.step(f"convert {path.name} to transformers (dequantize)"):
+                with self._reporter.step(f"convert {path.name} to transformers (dequantize)"), reg.quiet():
                     gguf_to_hf(path, tmp / "hf")
                 (tmp / "hf" / ".complete").write_text(src.digest)
                 shutil.rmtree(final, ignore_errors=True)
