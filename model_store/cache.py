@@ -143,8 +143,8 @@ class Cache:
                 sha = sha256_file(f)
                 size = f.stat().st_size
                 dst = self.blob(sha)
-                if dst.exists() and dst.stat().st_size == size:
-                    f.unlink()
+                if dst.exists() and dst.stat().st_size == size and _blob_ok(dst, sha):
+                    f.unlink()  # the same content is stored already (e.g. a tokenizer shared by variants)
                 else:
                     os.chmod(f, 0o444)
                     os.replace(f, dst)
@@ -213,6 +213,19 @@ class Cache:
                         b.unlink()
                 except OSError:
                     continue
+
+
+def _blob_ok(blob: Path, sha: str) -> bool:
+    st = blob.stat()
+    stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _verified_lock:
+        if stamp in _verified:
+            return True
+    if sha256_file(blob) != sha:
+        return False
+    with _verified_lock:
+        _verified.add(stamp)
+    return True
 
 
 def _mark_verified(blob: Path) -> None:
