@@ -109,7 +109,8 @@ def test_long_prompt_is_prefilled_in_chunks_without_changing_the_answer(engine, 
 
 def test_stop_strings_are_not_leaked_in_stream(engine):
     events: list[Event] = list(engine.stream_sync(
-        engine.chat_prompt([{"role": "user", "content": "What is the capital of France?"}]),
+        engine.chat_prompt([{"role": "system", "content": "You are a helpful assistant."},
+                            {"role": "user", "content": "What is the capital of France?"}]),
         SamplingParams(max_tokens=30, temperature=0, stop=["Paris"])))
     text = "".join(e.text for e in events)
     assert "Paris" not in text and "Pari" not in text[-4:]
