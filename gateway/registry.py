@@ -93,6 +93,8 @@ class Registry:
     def _resolve(self, cfg: ModelConfig) -> tuple[Path, str, str, dict]:
         direct = Path(cfg.source).expanduser()
         # An already-built artifact folder is served as it is.
+        if (direct / "fmgate_torch.json").is_file():
+            return direct, "torch", "prebuilt", {}
         if (direct / "genai_config.json").is_file():
             return direct, "onnx-genai", "prebuilt", {}
         if (direct / "fmgate_encoder.json").is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 from fastapi import APIRouter, Request
@@ -29,7 +30,10 @@ async def create_embeddings(req: EmbeddingRequest, request: Request):
         raise errors.bad_request(f"This model has {engine.dim} dimensions; it cannot return {req.dimensions}.",
                                  param="dimensions")
     try:
-        ids = engine.tokenize(batch) if isinstance(batch[0], str) else engine.check_ids(batch)
+        if isinstance(batch[0], str):
+            ids = await asyncio.to_thread(engine.tokenize, batch)  # keep the event loop free
+        else:
+            ids = engine.check_ids(batch)
     except EngineError as exc:
         raise common.engine_error(exc) from exc
     cap = min(engine.max_length, limits.max_embedding_input_tokens)
@@ -47,7 +51,7 @@ async def create_embeddings(req: EmbeddingRequest, request: Request):
         raise
     call.settle_soon(tokens, 0)
     if req.encoding_format == "base64":
-        data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+        data = _base64_rows(vectors)
     else:
         data = vectors.tolist()
     body = {
@@ -57,3 +61,14 @@ async def create_embeddings(req: EmbeddingRequest, request: Request):
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
     return JSONResponse(body, headers=dict(call.grant.headers))
+
+
+def _base64_rows(vectors) -> list[str]:
+    """One base64 string per row; a single encode sliced by row when rows are whole 3-byte groups."""
+    raw = vectors.astype("<f4", copy=False).tobytes()
+    row = vectors.shape[1] * 4
+    if row % 3:
+        return [base64.b64encode(raw[i:i + row]).decode() for i in range(0, len(raw), row)]
+    text = base64.b64encode(raw).decode()
+    step = row // 3 * 4
+    return [text[i:i + step] for i in range(0, len(text), step)]

@@ -26,6 +26,9 @@ class EmbeddingEngine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.batcher = EmbeddingBatcher(runner, name=name, **batcher_opts)
+        self._backend = tokenizer.backend_tokenizer
+        self._backend.no_truncation()  # too-long input is an error to report, not text to drop
+        self._backend.no_padding()
 
     @classmethod
     def from_dir(cls, path: Path, name: str = "model", *, threads: int = 0, runner: EncoderRunner | None = None,
@@ -46,7 +49,9 @@ class EmbeddingEngine:
         return self.runner.max_length
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        enc = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+        # The Rust backend directly: about 3x faster than the transformers wrapper for large batches.
+        encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+        enc = [e.ids for e in encode(list(texts), add_special_tokens=True)]
         for i, ids in enumerate(enc):
             if len(ids) > self.max_length:
                 raise EngineError(

@@ -64,7 +64,7 @@ class LLMEngine:
             ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
         except Exception as exc:  # a template may raise on message shapes it does not accept
             raise EngineError(f"The chat template rejected the messages: {exc}", param="messages") from exc
-        if isinstance(ids, dict):  # newer transformers return a BatchEncoding
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
 
