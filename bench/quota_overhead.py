@@ -35,7 +35,8 @@ async def measure(backend: str, n: int, redis_url: str | None) -> dict:
     from gateway.quota import Gatekeeper, KeyLimits
     from gateway.settings import Settings
 
-    home = tempfile.mkdtemp(prefix="fmgate-bench-quota-")
+    tmp = tempfile.TemporaryDirectory(prefix="fmgate-bench-quota-")
+    home = tmp.name
     prefix = "fmbench" + uuid.uuid4().hex[:8]
     settings = Settings(home=home, auth="on", redis_url=redis_url if backend == "redis" else None)
     gk = await Gatekeeper.create(settings, prefix=prefix)
@@ -59,6 +60,7 @@ async def measure(backend: str, n: int, redis_url: str | None) -> dict:
                 settle_ms.append((t2 - t1) * 1e3)
     finally:
         await gk.close()
+        tmp.cleanup()
         if backend == "redis":
             import redis
 

@@ -190,9 +190,12 @@ class Gatekeeper:
         return self._auth_seen
 
     async def authenticate(self, request: Request) -> Principal:
-        if not await self.auth_enabled():
+        if self.settings.auth == "off":
             return ANONYMOUS
         secret = _bearer(request.headers.get("authorization"))
+        enabled = await self.auth_enabled()
+        if not enabled and not secret:
+            return ANONYMOUS
         if not secret:
             raise _auth_error(
                 "You didn't provide an API key. You need to provide your API key in an Authorization header "
@@ -200,7 +203,14 @@ class Gatekeeper:
             )
         digest = hash_secret(secret)
         rec = await self._record(key_id_of(digest))
-        if not same_digest(rec.hash if rec else _DUMMY_DIGEST, digest) or rec is None:
+        valid = same_digest(rec.hash if rec else _DUMMY_DIGEST, digest) and rec is not None
+        if not enabled:
+            # auto mode before this process has seen a key: a real key is honoured (and its limits
+            # applied) the moment it exists anywhere, not after the next once-a-second check.
+            if not valid:
+                return ANONYMOUS
+            self._auth_seen = True
+        if not valid or rec is None:
             raise _auth_error("Incorrect API key provided.")
         if rec.revoked:
             raise _auth_error("This API key has been revoked.")

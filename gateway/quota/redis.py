@@ -20,6 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.metrics import REDIS_ERRORS
 from gateway.quota import base, scripts
@@ -31,6 +32,7 @@ log = logging.getLogger("fmgate.quota")
 _SUFFIXES = ("meta", "rq", "tk", "tka", "cc", "res", "done", "bud", "use")
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 MAX_PENDING_SETTLES = 100_000
+FAIL_FAST_S = 0.25  # after an error, refuse without trying Redis for this long (unless a probe succeeds)
 MAX_PENDING_WINDOW = 10_000
 
 
@@ -53,11 +55,12 @@ def connect(url: str) -> aioredis.Redis:
     # One immediate retry covers a pooled connection that died with a Redis restart; every script is
     # idempotent (lease ids, batch ids), so a retried call cannot charge twice. No backoff: a down
     # Redis must fail fast, not stall requests.
-    # A bounded pool that makes a burst wait briefly for a connection instead of failing. Timeouts are
-    # not retried: a slow Redis should cost one timeout, not two.
+    # A bounded pool: a burst queues for a connection (backpressure) instead of failing; a dead Redis
+    # still fails fast, through the connect and socket timeouts. Timeouts are not retried: a slow
+    # Redis should cost one timeout, not two.
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=64, timeout=2.0, decode_responses=True, socket_timeout=2.0,
-        socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        url, max_connections=64, timeout=30.0, decode_responses=True, socket_timeout=5.0,
+        socket_connect_timeout=5.0, retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         health_check_interval=0,
     )
     return aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
@@ -87,6 +90,8 @@ class RedisLimiter:
         self._touched: set[str] = set()
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._probe: asyncio.Task | None = None
+        self._timeout_logged = 0.0
         self._replay_lock = asyncio.Lock()
 
     # Layout.
@@ -103,11 +108,36 @@ class RedisLimiter:
         return time.monotonic() >= self._down_until
 
     def _failed(self, op: str, exc: BaseException) -> None:
+        """Count the error. A refused or broken connection means Redis is away: fail fast for a moment
+        and probe at once. A timeout fails only its own call: under CPU overload this process's event
+        loop can lag past a deadline while Redis is fine, and one late answer must not refuse a burst."""
         REDIS_ERRORS.labels(op).inc()
-        self._down_until = time.monotonic() + 0.5
+        if isinstance(exc, (RedisTimeoutError, asyncio.TimeoutError)):
+            now = time.monotonic()
+            if now - self._timeout_logged > 10:  # at most one line per 10 s
+                self._timeout_logged = now
+                log.warning("quota redis call timed out (%s)", op)
+            return
+        self._down_until = time.monotonic() + FAIL_FAST_S
         if not self._down:
             self._down = True
             log.warning("quota redis unreachable (%s): %s", op, type(exc).__name__)
+        if (self._probe is None or self._probe.done()) and not self._closing:
+            try:
+                self._probe = asyncio.get_running_loop().create_task(self._probe_until_up(), name="fmgate-quota-probe")
+            except RuntimeError:  # pragma: no cover - no loop (sync callers)
+                pass
+
+    async def _probe_until_up(self) -> None:
+        while not self._closing:
+            try:
+                await self.r.ping()
+            except _ERRORS:
+                await asyncio.sleep(FAIL_FAST_S)
+                continue
+            self._down_until = 0.0
+            self._ok()
+            return
 
     def _ok(self) -> None:
         if self._down:
@@ -413,9 +443,10 @@ class RedisLimiter:
 
     async def close(self) -> None:
         self._closing = True
-        if self._task is not None:
-            await stop_task(self._task)
-            self._task = None
+        for task in (self._task, self._probe):
+            if task is not None:
+                await stop_task(task)
+        self._task = self._probe = None
         if self.pending:
             self._down_until = 0.0
             await self.reconcile()

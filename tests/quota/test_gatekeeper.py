@@ -62,6 +62,19 @@ async def test_auto_turns_on_when_another_process_creates_a_key(qenv):
     assert (await refused(gk.authenticate(bearer(None)))).status == 401
 
 
+async def test_auto_honours_a_new_key_at_once(qenv):
+    """A key created elsewhere is enforced from its first request, not after the next auth check."""
+    gk = await qenv.gk(settings=qenv.settings(auth="auto"))
+    assert (await gk.authenticate(bearer("sk-anything"))).anonymous  # no keys: any token passes
+    other = await qenv.gk(settings=qenv.settings(auth="auto"))
+    secret, rec = await new_key(other, rpm=1)
+    p = await gk.authenticate(bearer(secret))  # well within the second the "any keys?" answer is cached
+    assert p.key_id == rec.id
+    await gk.admit(p, "m", 1)
+    assert (await refused(gk.admit(p, "m", 1))).status == 429
+    assert (await refused(gk.authenticate(bearer(None)))).status == 401  # and auth is now on
+
+
 async def test_model_allow_list(qenv):
     gk = await qenv.gk()
     secret, _ = await new_key(gk, models=["a", "b"])
