@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from gateway.errors import AUTHENTICATION, PERMISSION, UNAVAILABLE, APIError
-from gateway.metrics import QUOTA_REJECTIONS
+from gateway.metrics import QUOTA_REJECTIONS, REDIS_ERRORS
 from gateway.quota import base
 from gateway.quota.keys import (
     KeyLimits,
@@ -274,6 +274,7 @@ class Gatekeeper:
                 raise APIError(503, "Rate limiting is temporarily unavailable. Please retry shortly.",
                                UNAVAILABLE, code="quota_backend_unavailable",
                                headers={"retry-after": "1"}) from None
+            REDIS_ERRORS.labels("admitted_without_redis").inc()
             return Grant(self, principal, model_name, reserve, lease, None, "local")
         if d.status == base.REVOKED:
             self.invalidate(rec.id)

@@ -40,9 +40,11 @@ async def test_exactness_500_requests_two_processes_limit_100(renv, workers):
     assert all(set(r["refused"]) <= {"429:rate_limit_exceeded"} for r in results)
 
 
-async def test_reservation_across_processes_never_overruns(renv, workers):
+@pytest.mark.parametrize("limit", ["tokens_per_day", "tpm"])
+async def test_reservation_across_processes_never_overruns(renv, workers, limit):
+    """Neither a budget nor TPM is per process: reserved up front in Redis, 1,000 means 1,000 in all."""
     gk = await renv.gk()
-    _, rec = await new_key(gk, tokens_per_day=1000)
+    _, rec = await new_key(gk, **{limit: 1000})
     # 20 parallel requests (10 per process) that could each use 100 tokens; each then uses 30.
     ws = _start(workers, renv, rec.id, 2, n=10, reserve=100, use=[10, 20])
     for w in ws:
@@ -61,7 +63,7 @@ async def test_reservation_across_processes_never_overruns(renv, workers):
             await gk.admit(p, "m", 100)
             ok += 1
         except APIError as e:
-            assert e.type == "insufficient_quota"
+            assert e.type == ("insufficient_quota" if limit == "tokens_per_day" else "rate_limit_error")
     assert ok == 7
 
 
