@@ -207,6 +207,10 @@ def evaluate_encoder(folder: Path, s: EvalSettings, threads: int, reference: np.
         b = reference / np.linalg.norm(reference, axis=1, keepdims=True)
         cos = (a * b).sum(1)
         quality = {"cosine_mean": round(float(cos.mean()), 5), "cosine_min": round(float(cos.min()), 5)}
+    # A sentence's vector must not depend on its batchmates: dynamic activation quantization uses one
+    # scale for the whole batch, so its output shifts with whoever else is in the batch.
+    alone = np.concatenate([enc.encode([t]) for t in sents[:8]])
+    quality["batch_invariance"] = round(float(np.min(np.sum(alone * emb[:8], axis=1))), 7)
     batch = (sents * (s.encoder_batch // len(sents) + 1))[:s.encoder_batch]
     enc.encode(batch)  # warm-up
     times = []

@@ -387,6 +387,28 @@ def build_encoder_int8_pc(ctx: BuildContext) -> None:
     _encoder_files(fp32, ctx.out)
 
 
+@recipe("ort-int8-weight-only", task="embed", format="onnx-encoder",
+        params={"precision": "int8", "kernel": "MatMulNBits", "block_size": 32, "accuracy_level": 4},
+        applies=_cpu_ort)
+def build_encoder_int8_wo(ctx: BuildContext) -> None:
+    """8-bit weights in blocks (MatMulNBits); activations are quantized per row, so batchmates don't matter."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    fp32 = _fp32_encoder(ctx)
+    p = ctx.params
+    with ctx.step("quantize int8 (weight-only, MatMulNBits)"), quiet():
+        cfg = DefaultWeightOnlyQuantConfig(block_size=p["block_size"], is_symmetric=True,
+                                           accuracy_level=p["accuracy_level"], bits=8)
+        q = MatMulNBitsQuantizer(onnx.load(str(fp32 / "model.onnx")), algo_config=cfg)
+        q.process()
+        q.model.save_model_to_file(str(ctx.out / "model.onnx"))
+    _encoder_files(fp32, ctx.out)
+
+
 @recipe("ort-int8-per-tensor", task="embed", format="onnx-encoder",
         params={"precision": "int8", "per_channel": False, "quantizer": "optimum-isa-preset"}, applies=_int8_isa)
 def build_encoder_int8_pt(ctx: BuildContext) -> None:

@@ -63,6 +63,7 @@ class Gate:
     max_perplexity_ratio: float = 1.10
     min_cosine_mean: float = 0.99
     min_cosine_min: float | None = None
+    min_batch_invariance: float | None = 0.99999  # cosine of a vector embedded alone vs in a batch
 
     def judge(self, task: str, quality: dict, reference: dict | None) -> tuple[bool, str, dict]:
         """(passes, reason, quality with the ratio filled in)."""
@@ -81,6 +82,9 @@ class Gate:
         why = f"mean cosine {q['cosine_mean']:.4f} {'≥' if ok else '<'} {self.min_cosine_mean}"
         if ok and self.min_cosine_min is not None and q.get("cosine_min", 0) < self.min_cosine_min:
             ok, why = False, f"min cosine {q['cosine_min']:.4f} < {self.min_cosine_min}"
+        inv = q.get("batch_invariance")
+        if ok and self.min_batch_invariance is not None and inv is not None and inv < self.min_batch_invariance:
+            ok, why = False, f"output depends on the batch (cosine alone vs batched {inv:.5f})"
         return ok, why, q
 
 

@@ -39,7 +39,7 @@ def test_models_lifecycle(tmp_path, tiny_models, monkeypatch):
     manifest = json.loads(res.output)
     chosen = manifest["variant"]
     assert {c["variant"] for c in manifest["candidates"]} == {"ort-fp32", "ort-int8-per-channel",
-                                                                "ort-int8-per-tensor"}
+                                                                "ort-int8-weight-only", "ort-int8-per-tensor"}
 
     res = runner.invoke(models_app, ["list", "--json"])
     assert res.exit_code == 0, res.output
