@@ -99,9 +99,9 @@ class Registry:
             return direct, "onnx-genai", "prebuilt", {}
         if (direct / "fmgate_encoder.json").is_file():
             return direct, "onnx-encoder", "prebuilt", {}
-        from model_store import ModelStore
+        from model_store import Gate, ModelStore
 
-        store = ModelStore(self.settings.home)
+        store = ModelStore(self.settings.home, gate=Gate(**self.settings.quality_gate.model_dump()))
         t0 = time.monotonic()
         art = store.load(cfg.source, task=cfg.task, variant=cfg.variant)
         metrics.MODEL_COMPRESS_SECONDS.labels(cfg.name).set(time.monotonic() - t0)

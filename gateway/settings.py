@@ -51,6 +51,14 @@ class Limits(BaseModel):
     max_embedding_input_tokens: int = 512
 
 
+class QualityGate(BaseModel):
+    """How much quality a compressed variant may lose and still be picked by `variant: auto`."""
+
+    max_perplexity_ratio: float = Field(1.10, ge=1.0, description="chat: perplexity vs the fp32 reference")
+    min_cosine_mean: float = Field(0.99, ge=0, le=1, description="embeddings: mean cosine to fp32")
+    min_batch_invariance: float = Field(0.99999, ge=0, le=1, description="embeddings: alone vs batched")
+
+
 class Settings(BaseSettings):
     """fmgate's configuration. Every field can be set as FMGATE_<FIELD> (nested: FMGATE_LIMITS__MAX_N)."""
 
@@ -67,6 +75,7 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list, description="empty: CORS off")
     shutdown_grace_s: float = 30.0
     limits: Limits = Field(default_factory=Limits)
+    quality_gate: QualityGate = Field(default_factory=QualityGate)
     # Keys and quotas.
     auth: Literal["auto", "on", "off"] = "auto"
     admin_key: str | None = None
