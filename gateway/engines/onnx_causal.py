@@ -7,14 +7,19 @@ KV buffer runs 124 and ~470. So this runner keeps the KV cache itself:
 - one buffer per layer and K/V, shaped [capacity, kv_heads, length, head_size]; each live sequence
   owns a row; GQA reads and writes it in place (past and present are bound to the same memory);
 - rows of live sequences are kept dense at the front, so a batch is a contiguous view, never a copy;
-- the buffer length grows and shrinks in powers of two, since GQA's cost follows the buffer length.
+- the buffer length grows and shrinks in powers of two, since GQA's cost follows the buffer length;
+- full 8-token blocks of finished prompts are kept (LRU) keyed by the hash of the whole prefix up to
+  them, so a prompt that starts like an earlier one (a chat template's system prompt) copies those
+  blocks in instead of recomputing them. K/V of a token depend only on the tokens before it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,13 +32,14 @@ from .sampling import sample_rows
 log = logging.getLogger("fmgate.engine")
 
 _MIN_LEN = 256
+PREFIX_BLOCK = 8
 
 
 class OnnxCausalRunner:
     device = "cpu"
 
     def __init__(self, model_dir: Path, capacity: int = 16, max_seq_len: int = 2048, threads: int = 0,
-                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+                 providers: Sequence[str] = ("CPUExecutionProvider",), prefix_cache_blocks: int = 256):
         cfg = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
         dec = cfg["decoder"]
         self.layers = int(dec["num_hidden_layers"])
@@ -59,18 +65,54 @@ class OnnxCausalRunner:
         self._buf_len = 0
         self._kv: list[tuple[np.ndarray, np.ndarray]] = []
         self._resize(_MIN_LEN)
+        self._prefix: OrderedDict[bytes, np.ndarray] = OrderedDict()  # chain hash -> [layers, 2, kv, B, hd]
+        self._prefix_cap = prefix_cache_blocks
+        self.prefix_hits = 0  # tokens restored from the prefix cache, for metrics and tests
 
     # -- public API (CausalRunner) --
+
+    def reuse_prefix(self, seq_id: int, prompt: Sequence[int]) -> int:
+        """Start a new sequence from cached prefix blocks; returns how many prompt tokens it restored.
+        At least the last prompt token is left to prefill, since its logits are needed."""
+        blocks = []
+        for key in _block_keys(prompt, (len(prompt) - 1) // PREFIX_BLOCK):
+            blk = self._prefix.get(key)
+            if blk is None:
+                break
+            self._prefix.move_to_end(key)
+            blocks.append(blk)
+        if not blocks:
+            return 0
+        row = self._new_row(seq_id)
+        n = len(blocks) * PREFIX_BLOCK
+        self._ensure_len(n)
+        kv = np.concatenate(blocks, axis=3)
+        for layer, (k, v) in enumerate(self._kv):
+            k[row, :, :n] = kv[layer, 0]
+            v[row, :, :n] = kv[layer, 1]
+        self._lens[row] = n
+        self.prefix_hits += n
+        return n
+
+    def cache_prefix(self, seq_id: int, prompt: Sequence[int]) -> None:
+        """Keep the full blocks of a prefilled prompt for later prompts that start the same way."""
+        if self._prefix_cap <= 0:
+            return
+        row = self._rows[seq_id]
+        full = min(len(prompt), int(self._lens[row])) // PREFIX_BLOCK
+        for i, key in enumerate(_block_keys(prompt, full)):
+            if key in self._prefix:
+                self._prefix.move_to_end(key)
+                continue
+            lo, hi = i * PREFIX_BLOCK, (i + 1) * PREFIX_BLOCK
+            self._prefix[key] = np.stack([np.stack([k[row, :, lo:hi], v[row, :, lo:hi]]) for k, v in self._kv])
+            while len(self._prefix) > self._prefix_cap:
+                self._prefix.popitem(last=False)
 
     def prefill(self, seq_id: int, token_ids: Sequence[int]) -> np.ndarray:
         row = self._rows.get(seq_id)
         if row is None:
-            if len(self._seq_at) >= self.capacity:
-                raise EngineError("no free sequence slot")
-            row = len(self._seq_at)
-            self._rows[seq_id] = row
-            self._seq_at.append(seq_id)
-            self._lens[row] = 0
+            row = self._new_row(seq_id)
         need = int(self._lens[row]) + len(token_ids)
         if need > self.max_seq_len:
             raise EngineError(f"sequence of {need} tokens exceeds the context of {self.max_seq_len}")
@@ -117,6 +159,15 @@ class OnnxCausalRunner:
         return int(self._lens[self._rows[seq_id]])
 
     # -- internals --
+
+    def _new_row(self, seq_id: int) -> int:
+        if len(self._seq_at) >= self.capacity:
+            raise EngineError("no free sequence slot")
+        row = len(self._seq_at)
+        self._rows[seq_id] = row
+        self._seq_at.append(seq_id)
+        self._lens[row] = 0
+        return row
 
     def _run(self, lo: int, hi: int, ids: np.ndarray, advance: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
         total = self._lens[lo:hi] + np.where(advance > 0, advance, 1)
@@ -173,3 +224,14 @@ def _round_up(n: int) -> int:
     while size < n:
         size *= 2
     return size
+
+
+def _block_keys(tokens: Sequence[int], blocks: int) -> list[bytes]:
+    """One key per full block: a hash of every token up to the block's end (a chain, as in vLLM)."""
+    h = hashlib.blake2b(digest_size=16)
+    keys = []
+    arr = np.asarray(tokens[: blocks * PREFIX_BLOCK], dtype=np.int64)
+    for i in range(blocks):
+        h.update(arr[i * PREFIX_BLOCK : (i + 1) * PREFIX_BLOCK].tobytes())
+        keys.append(h.copy().digest())
+    return keys

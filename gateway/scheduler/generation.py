@@ -189,6 +189,8 @@ class GenerationScheduler:
         for seq in list(self._prefilling):
             if budget <= 0:
                 break
+            if seq.prefilled == 0 and hasattr(self.runner, "reuse_prefix"):
+                seq.prefilled = self.runner.reuse_prefix(seq.id, seq.prompt)
             chunk = seq.prompt[seq.prefilled : seq.prefilled + budget]
             try:
                 logits = self.runner.prefill(seq.id, chunk)
@@ -198,6 +200,8 @@ class GenerationScheduler:
             seq.prefilled += len(chunk)
             budget -= len(chunk)
             if seq.prefilled == len(seq.prompt):
+                if hasattr(self.runner, "cache_prefix"):
+                    self.runner.cache_prefix(seq.id, seq.prompt)
                 self._prefilling.remove(seq)
                 self._running.append(seq)
                 token = self.runner.sample(logits, [seq.state])[0]

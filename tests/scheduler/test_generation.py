@@ -127,3 +127,18 @@ def test_fp32_reference_answers_the_bare_question(store_home):
         assert "Paris" in chat(eng, "What is the capital of France?").text
     finally:
         eng.close()
+
+
+def test_prompts_sharing_a_prefix_reuse_its_kv_and_answer_the_same(chat_artifact):
+    cached = LLMEngine.from_dir(chat_artifact.path, "cached", threads=2)
+    fresh = LLMEngine.from_dir(chat_artifact.path, "fresh", threads=2)
+    fresh.runner._prefix_cap = 0
+    try:
+        for q in ["Name a fruit.", "Name a fruit.", "Name a colour.", "What is 2 + 2?"]:
+            assert chat(cached, q).text == chat(fresh, q).text
+        # The default system prompt (about 25 tokens) is shared by all four prompts.
+        assert cached.runner.prefix_hits >= 3 * 24
+        assert fresh.runner.prefix_hits == 0
+    finally:
+        cached.close()
+        fresh.close()
