@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fmgate.quota")
 
-CACHE_TTL_S = 1.0  # how stale a key record may be; bounds how long a revocation takes (memory mode)
+CACHE_TTL_S = 0.5  # how stale a key record may be: a revocation takes effect within this (memory mode)
 _DUMMY_DIGEST = "0" * 64
 _MISS: KeyRecord | None = object()  # type: ignore[assignment]
 
@@ -176,7 +176,7 @@ class Gatekeeper:
         if mode == "on" or self._auth_seen:
             return True
         # auto: on as soon as any key exists (revoked ones too, so revoking the last key never opens
-        # the box); checked at most once per second, and never turns off again.
+        # the box); checked at most once per cache TTL, and never turns off again.
         now = time.monotonic()
         if now - self._auth_checked >= self.cache_ttl_s:
             self._auth_checked = now
