@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import errors, logs, metrics
-from .api import chat, completions, embeddings, models
+from .api import chat, common, completions, embeddings, models
 from .registry import Registry
 from .settings import Settings
 
@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None, gatekeeper: Any = None) -> Fast
             if not app.state.loader.done():
                 await asyncio.wait({app.state.loader}, timeout=1)
             await asyncio.to_thread(app.state.registry.close)
+            await common.settled()  # usage of the last requests is recorded before the store closes
             await app.state.gatekeeper.close()
             log.info("shutdown complete")
 

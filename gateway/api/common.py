@@ -44,6 +44,12 @@ class Call:
         task.add_done_callback(_background.discard)
 
 
+async def settled(timeout: float = 10.0) -> None:
+    """Wait for pending settle tasks (at shutdown)."""
+    if _background:
+        await asyncio.wait(set(_background), timeout=timeout)
+
+
 async def authenticate(request: Request) -> Any:
     return await request.app.state.gatekeeper.authenticate(request)
 
