@@ -283,7 +283,7 @@ def ensure(names: list[str]) -> None:
         elif n == "infinity-model":
             ensure_infinity_model()
         elif n == "models":
-            log(str(model_paths()))
+            model_paths()
         else:
             ensure_venv(n)
 
@@ -296,6 +296,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("what", nargs="*", default=["all"], choices=["all", *ALL])
     args = ap.parse_args(argv)
     ensure(ALL if "all" in args.what else args.what)
+    for k, v in model_paths().items():
+        log(f"{k}: {v}")
+    if llama_server_path().is_file():
+        log(f"llama-server: {llama_server_path()}")
 
 
 if __name__ == "__main__":

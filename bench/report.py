@@ -225,18 +225,20 @@ def render(results: dict, plot_name: str | None = None) -> str:
     if meta.get("note"):
         out += [meta["note"], ""]
     out += ["### Servers and the settings each was given", "",
-            "| server | version | settings | why | startup | peak RSS | status |",
-            "|---|---|---|---|---:|---:|---|"]
+            "| server | version | settings | why | startup | peak RSS serving | peak RSS at startup | status |",
+            "|---|---|---|---|---:|---:|---:|---|"]
     for n, s in results["servers"].items():
         status = s.get("status", "")
         if s.get("error"):
             status += ": " + s["error"].splitlines()[0][:160].replace("|", "/")
         start = f"{s['startup_s']:.1f} s" if s.get("startup_s") is not None else "–"
         rss = f"{s['peak_rss_mb']:,.0f} MB" if s.get("peak_rss_mb") else "–"
+        srss = f"{s['startup_peak_rss_mb']:,.0f} MB" if s.get("startup_peak_rss_mb") else "–"
         out.append(f"| {s.get('label', n)} | {s.get('version', '')} | {s.get('settings', '')} | "
-                   f"{s.get('why', '')} | {start} | {rss} | {status} |")
-    out += ["", "Peak RSS is the whole process tree's, sampled every 0.2 s from start to stop "
-            "(fmgate holds both models; each peer holds one).", ""]
+                   f"{s.get('why', '')} | {start} | {rss} | {srss} | {status} |")
+    out += ["", "Peak RSS is the whole process tree's, sampled every 0.2 s: while serving (warm-up and all "
+            "load levels) and from launch to ready. fmgate holds both models; each peer holds one. Startup "
+            "includes loading (and, on fmgate's first start in an empty FMGATE_HOME, building) the models.", ""]
     has_chat = any(r["kind"] == "chat" for a in agg.values() for r in a.values())
     has_embed = any(r["kind"] == "embed" for a in agg.values() for r in a.values())
     if chat_levels and has_chat:

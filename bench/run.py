@@ -118,6 +118,8 @@ def bench_server(name: str, args: argparse.Namespace, logs: Path) -> dict:
     try:
         srv.wait_ready()
         entry["startup_s"] = srv.startup_s
+        entry["startup_peak_rss_mb"] = round(srv.rss.peak / 1e6, 1)
+        srv.rss.mark_serving()
         log(f"{name}: ready in {srv.startup_s} s on {srv.base_url}; warming up")
         warm_up(srv, chat_levels, embed_levels)
         if embed_levels:
@@ -154,8 +156,10 @@ def bench_server(name: str, args: argparse.Namespace, logs: Path) -> dict:
         log(f"{name}: FAILED: {str(exc)[-800:]}")
     finally:
         srv.stop()
-        entry["peak_rss_mb"] = round(srv.rss.peak / 1e6, 1)
-        log(f"{name}: stopped; peak RSS {entry['peak_rss_mb']} MB; log {srv.log_path}")
+        entry["peak_rss_mb"] = round(srv.rss.serving_peak / 1e6, 1) if srv.rss.serving else None
+        entry["overall_peak_rss_mb"] = round(srv.rss.peak / 1e6, 1)
+        log(f"{name}: stopped; peak RSS serving {entry['peak_rss_mb']} MB, overall {entry['overall_peak_rss_mb']} MB; "
+            f"log {srv.log_path}")
     return entry
 
 

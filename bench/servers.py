@@ -31,11 +31,13 @@ THREADS = int(os.environ.get("BENCH_THREADS", str(os.cpu_count() or 2)))
 # prompt (~40 tokens with the template) plus 64 new tokens needs.
 LLAMA_SERVER_SLOTS = 8
 LLAMA_SERVER_CTX_PER_SLOT = 512
-# Infinity: largest batch per forward pass. On 2 cores 32 was the best of 8/16/32/64/128 for
-# both single-sentence and 16-sentence requests at 32 clients; bigger batches only add latency.
+LLAMA_SERVER_THREADS = int(os.environ.get("BENCH_LLAMA_SERVER_THREADS", str(THREADS)))
+# Infinity: largest batch per forward pass (its default is 32). `python -m bench.tune infinity` on
+# the 2-core box: 8-128 all within noise at 32 clients x 1 sentence; at 32 x 16, 64 and 128 gained
+# 6-11% (inside the noise) while peak RSS grew from 1.6 GB to 2.8 and 5.1 GB. 32 kept.
 INFINITY_BATCH = int(os.environ.get("BENCH_INFINITY_BATCH", "32"))
 # llama-cpp-python: generation threads. It decodes one sequence at a time, where one thread beats
-# two on this box (memory-bound, less sync); prompt processing keeps all cores.
+# two on this box (bench.tune: 62 vs 42 tok/s at 1 and 4 clients); prompt processing keeps all cores.
 LLAMA_CPP_PYTHON_THREADS = int(os.environ.get("BENCH_LCP_THREADS", "1"))
 
 
@@ -68,12 +70,13 @@ def _venv_bin(venv: str, exe: str) -> str:
 
 def _pkg_version(venv: str, dist: str) -> Callable[[], str]:
     def get() -> str:
-        freeze = peers.PEERS / f"venv-{venv}" / "freeze.txt"
-        if freeze.is_file():
-            for line in freeze.read_text().splitlines():
-                if line.lower().startswith(dist.lower() + "=="):
-                    return line
-        return ""
+        py = peers.venv_python(venv)
+        code = f"import importlib.metadata as m; print(m.version({dist!r}))"
+        try:
+            out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return f"{dist} {out.stdout.strip()}" if out.returncode == 0 else ""
     return get
 
 
@@ -106,7 +109,7 @@ def _llama_server(port: int) -> Launch:
     return Launch([
         str(peers.llama_server_path()), "-m", str(m["gguf"]), "--host", "127.0.0.1", "--port", str(port),
         "-np", str(LLAMA_SERVER_SLOTS), "-c", str(LLAMA_SERVER_SLOTS * LLAMA_SERVER_CTX_PER_SLOT),
-        "-t", str(THREADS), "-tb", str(THREADS), "--cont-batching", "-a", CHAT_MODEL,
+        "-t", str(LLAMA_SERVER_THREADS), "-tb", str(THREADS), "--cont-batching", "-a", CHAT_MODEL,
     ])
 
 
@@ -121,6 +124,9 @@ def _llama_cpp_python(port: int) -> Launch:
         _venv_bin("llamacpp", "python"), "-m", "llama_cpp.server", "--model", str(m["gguf"]),
         "--model_alias", CHAT_MODEL, "--host", "127.0.0.1", "--port", str(port),
         "--n_threads", str(LLAMA_CPP_PYTHON_THREADS), "--n_threads_batch", str(THREADS), "--n_ctx", "2048",
+        # Its default (true) ends the stream being generated as soon as another request waits, so
+        # with more than one client most answers would be cut short.
+        "--interrupt_requests", "false",
     ])
 
 
@@ -157,21 +163,24 @@ SPECS: dict[str, ServerSpec] = {s.name: s for s in [
         (), _fmgate, ready_path="/readyz", ready_timeout=1800.0, version=_fmgate_version),
     ServerSpec(
         "llama-server", "llama-server -np 8", ("chat",),
-        f"-np {LLAMA_SERVER_SLOTS} -c {LLAMA_SERVER_SLOTS * LLAMA_SERVER_CTX_PER_SLOT} -t {THREADS} "
+        f"-np {LLAMA_SERVER_SLOTS} -c {LLAMA_SERVER_SLOTS * LLAMA_SERVER_CTX_PER_SLOT} -t {LLAMA_SERVER_THREADS} "
         f"-tb {THREADS} --cont-batching, -march=native build, Q4_1 GGUF",
-        "8 slots batch concurrent decodes; all cores for decode and prompt",
+        "8 slots batch concurrent decodes; -t 2 beat -t 1 at 1 client (bench.tune), within noise at 8",
         ("models", "llama-server"), _llama_server, version=_llama_server_version),
     ServerSpec(
         "llama-cpp-python", "llama-cpp-python server", ("chat",),
-        f"n_threads={LLAMA_CPP_PYTHON_THREADS} n_threads_batch={THREADS} n_ctx=2048, -march=native build, Q4_1",
-        "serves one request at a time; one decode thread beats two here",
+        f"n_threads={LLAMA_CPP_PYTHON_THREADS} n_threads_batch={THREADS} n_ctx=2048 interrupt_requests=false, "
+        "-march=native build, Q4_1",
+        "serves one request at a time; one decode thread beats two here; the default interrupt_requests=true "
+        "cuts a stream short whenever another request waits",
         ("models", "llamacpp"), _llama_cpp_python, ready_path="/v1/models",
-        version=_pkg_version("llamacpp", "llama_cpp_python")),
+        version=_pkg_version("llamacpp", "llama-cpp-python")),
     ServerSpec(
         "infinity", "Infinity (optimum)", ("embed",),
         f"--engine optimum --pooling-method mean --batch-size {INFINITY_BATCH}, fp32 ONNX",
-        "mean pooling is MiniLM's (auto picks CLS); batch 32 was best of 8-128",
-        ("models", "infinity", "infinity-model"), _infinity, version=_pkg_version("infinity", "infinity_emb")),
+        "mean pooling is MiniLM's (auto picks CLS); batch 8-128 swept, 32 (its default) as good as any within "
+        "noise and far leaner than 64-128",
+        ("models", "infinity", "infinity-model"), _infinity, version=_pkg_version("infinity", "infinity-emb")),
     ServerSpec(
         "naive-chat", "naive FastAPI + transformers", ("chat",),
         f"torch fp32 from the GGUF, {THREADS} threads, one request at a time",
@@ -254,12 +263,14 @@ def _proc_tree_rss(pid: int) -> int:
 
 
 class RssSampler:
-    """Samples the server tree's RSS in a thread; keeps the overall peak and a resettable window peak."""
+    """Samples the server tree's RSS in a thread: overall peak, peak since ready, resettable window peak."""
 
     def __init__(self, pid: int, interval: float = 0.2) -> None:
         self.pid, self.interval = pid, interval
         self.peak = 0
         self.window_peak = 0
+        self.serving_peak = 0
+        self.serving = False
         self.last = 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
@@ -274,7 +285,14 @@ class RssSampler:
         self.last = rss
         self.peak = max(self.peak, rss)
         self.window_peak = max(self.window_peak, rss)
+        if self.serving:
+            self.serving_peak = max(self.serving_peak, rss)
         return rss
+
+    def mark_serving(self) -> None:
+        """From now on also track the peak while serving (a first start may build models)."""
+        self.serving = True
+        self.serving_peak = self.sample()
 
     def reset_window(self) -> None:
         self.window_peak = self.last
