@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None, gatekeeper: Any = None) -> Fast
     app.state.gatekeeper = gatekeeper
     app.state.draining = False
     errors.install(app)
-    errors.document(app)
+    errors.document(app, [m.name for m in settings.models])
     for module in (chat, completions, embeddings, models):
         app.include_router(module.router)
     try:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import typer
@@ -87,7 +90,8 @@ def _run(settings: Settings) -> None:
 
 
 class _DrainingServer:
-    """uvicorn's Server, flipping /readyz to 503 the moment SIGTERM arrives, before connections close."""
+    """uvicorn's Server, flipping /readyz to 503 the moment SIGTERM arrives, before connections close,
+    and exiting 0 after a completed drain (uvicorn re-raises the signal, which ends in status 143)."""
 
     def __new__(cls, config, application):
         import uvicorn
@@ -96,6 +100,18 @@ class _DrainingServer:
             def handle_exit(self, sig, frame):
                 application.state.draining = True
                 super().handle_exit(sig, frame)
+
+            @contextlib.contextmanager
+            def capture_signals(self):
+                if threading.current_thread() is not threading.main_thread():
+                    yield
+                    return
+                previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    yield
+                finally:
+                    for s, handler in previous.items():
+                        signal.signal(s, handler)
 
         return Server(config)
 

@@ -116,15 +116,21 @@ _DOCUMENTED = {"400": "Invalid request", "401": "Missing or invalid API key", "4
                "503": "Loading, draining or quota backend down"}
 
 
-def document(app: FastAPI) -> None:
-    """Describe the real error responses in the OpenAPI schema (FastAPI's default says 422 only)."""
+def document(app: FastAPI, model_names: list[str] | None = None) -> None:
+    """Describe the real error responses in the OpenAPI schema (FastAPI's default says 422 only),
+    and give the served model names as examples of every request's `model`."""
     build = app.openapi
 
     def openapi():
         if app.openapi_schema:
             return app.openapi_schema
         schema = build()
-        schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = _ERROR_SCHEMA
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas["Error"] = _ERROR_SCHEMA
+        for body in schemas.values():
+            model = body.get("properties", {}).get("model")
+            if model_names and model is not None and model.get("type") == "string":
+                model["examples"] = list(model_names)
         ref = {"$ref": "#/components/schemas/Error"}
         for ops in schema.get("paths", {}).values():
             for op in ops.values():

@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger("fmgate.api")
 
@@ -142,21 +142,14 @@ class CompletionRequest(_Sampling):
 class EmbeddingRequest(_Request):
     model: Annotated[str, Field(min_length=1, max_length=256)]
     input: (
-        Annotated[str, Field(max_length=_MAX_STR)]
-        | Annotated[list[Annotated[str, Field(max_length=_MAX_STR)]], Field(min_length=1)]
+        Annotated[str, Field(min_length=1, max_length=_MAX_STR)]
+        | Annotated[list[Annotated[str, Field(min_length=1, max_length=_MAX_STR)]], Field(min_length=1)]
         | TokenIds
         | Annotated[list[TokenIds], Field(min_length=1)]
     )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
-
-    @model_validator(mode="after")
-    def _no_empty_strings(self):
-        items = [self.input] if isinstance(self.input, str) else self.input
-        if any(isinstance(x, str) and x == "" for x in items):
-            raise ValueError("input must not contain empty strings")
-        return self
 
     def batch(self) -> list[str] | list[list[int]]:
         x = self.input

@@ -44,7 +44,7 @@ def test_models_lifecycle(tmp_path, tiny_models, monkeypatch):
     res = runner.invoke(models_app, ["list", "--json"])
     assert res.exit_code == 0, res.output
     [entry] = json.loads(res.output)
-    assert entry["name"] == "tiny-bert" and entry["chosen"] == chosen and len(entry["variants"]) == 3
+    assert entry["name"] == "tiny-bert" and entry["chosen"] == chosen and len(entry["variants"]) == 4
     res = runner.invoke(models_app, ["list"])
     assert "tiny-bert" in res.output and "✓" in res.output
 
@@ -52,7 +52,7 @@ def test_models_lifecycle(tmp_path, tiny_models, monkeypatch):
     assert res.exit_code == 0 and "why:" in res.output and "ort-int8-per-tensor" in res.output
 
     res = runner.invoke(models_app, ["verify"])
-    assert res.exit_code == 0 and res.output.count("ok") == 3
+    assert res.exit_code == 0 and res.output.count("ok") == 4
     art = home / "models" / "artifacts" / manifest["key"] / "model.onnx"
     os.chmod(art, 0o644)
     with open(art, "r+b") as f:
