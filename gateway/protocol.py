@@ -104,15 +104,13 @@ class ChatCompletionRequest(_Sampling):
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]
+Text = Annotated[str, Field(min_length=1, max_length=_MAX_STR)]
+# OpenAI's four input shapes: a string, strings, token ids, lists of token ids.
+TextsOrTokens = Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
 
 
 class CompletionRequest(_Sampling):
-    prompt: (
-        Annotated[str, Field(max_length=_MAX_STR)]
-        | Annotated[list[Annotated[str, Field(max_length=_MAX_STR)]], Field(min_length=1)]
-        | TokenIds
-        | Annotated[list[TokenIds], Field(min_length=1)]
-    )
+    prompt: TextsOrTokens
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
@@ -131,33 +129,23 @@ class CompletionRequest(_Sampling):
         return super().unsupported()
 
     def prompts(self) -> list[str | list[int]]:
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if p and isinstance(p[0], int):
-            return [p]
-        return list(p)
+        return as_batch(self.prompt)
 
 
 class EmbeddingRequest(_Request):
     model: Annotated[str, Field(min_length=1, max_length=256)]
-    input: (
-        Annotated[str, Field(min_length=1, max_length=_MAX_STR)]
-        | Annotated[list[Annotated[str, Field(min_length=1, max_length=_MAX_STR)]], Field(min_length=1)]
-        | TokenIds
-        | Annotated[list[TokenIds], Field(min_length=1)]
-    )
+    input: TextsOrTokens
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
 
     def batch(self) -> list[str] | list[list[int]]:
-        x = self.input
-        if isinstance(x, str):
-            return [x]
-        if x and isinstance(x[0], int):
-            return [x]
-        return list(x)
+        return as_batch(self.input)
+
+
+def as_batch(x: Any) -> list:
+    """One item (a string or one token-id list) becomes a batch of one."""
+    return [x] if isinstance(x, str) or (x and isinstance(x[0], int)) else list(x)
 
 
 # -- responses --
