@@ -83,6 +83,15 @@ def warm_up(srv: RunningServer, chat_levels: list[int], embed_levels: list[tuple
         asyncio.run(run_embed(srv.base_url, spec.embed_model, c, b, per_client=2, max_seconds=60))
 
 
+def served_variants(base_url: str) -> dict[str, str]:
+    """fmgate's /v1/models says which compressed variant serves each model; peers say nothing."""
+    try:
+        r = httpx.get(base_url + "/v1/models", timeout=10, trust_env=False)
+        return {m["id"]: str(m["variant"]) for m in r.json().get("data", []) if m.get("variant")}
+    except (httpx.HTTPError, ValueError, KeyError, AttributeError):
+        return {}
+
+
 async def embed_probe(base_url: str, model: str) -> list[list[float]]:
     """Embeddings of a few fixed sentences, to compare servers' vectors (cosine) in the report."""
     async with httpx.AsyncClient(trust_env=False, timeout=120) as c:
@@ -120,6 +129,10 @@ def bench_server(name: str, args: argparse.Namespace, logs: Path) -> dict:
         entry["startup_s"] = srv.startup_s
         entry["startup_peak_rss_mb"] = round(srv.rss.peak / 1e6, 1)
         srv.rss.mark_serving()
+        variants = served_variants(srv.base_url)
+        if variants:
+            entry["variants"] = variants
+            entry["version"] += " (" + ", ".join(f"{k}: {v}" for k, v in variants.items()) + ")"
         log(f"{name}: ready in {srv.startup_s} s on {srv.base_url}; warming up")
         warm_up(srv, chat_levels, embed_levels)
         if embed_levels:
@@ -211,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.from_json:
         results = json.loads(args.from_json.read_text())
+        if args.note:
+            results["meta"]["note"] = args.note
         render(results, args.from_json, args.out, args.plot)
         return
 
