@@ -257,6 +257,12 @@ def main(argv: list[str] | None = None) -> None:
         "servers": {},
     }
     log(f"servers: {', '.join(names)}; reps {args.reps}; chat {args.chat_levels}; embed {args.embed_levels}")
+    try:
+        if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 2):
+            log(f"WARNING: load average {_loadavg()} before starting: other work shares the cores, "
+                "and the figures will show it (llama.cpp's spinning threads worst of all)")
+    except OSError:
+        pass
     for name in names:
         results["servers"][name] = bench_server(name, args, logs)
         results_path.write_text(json.dumps(results, indent=1))
