@@ -140,8 +140,9 @@ def ensure_sdist() -> Path:
         if want in f.name:
             return f
     src.mkdir(parents=True, exist_ok=True)
+    # pip prepares the sdist's metadata (in an isolated env with scikit-build-core) before it keeps it.
     _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-          "--no-build-isolation", LLAMA_CPP_PYTHON, "-d", str(src)],
+          LLAMA_CPP_PYTHON, "-d", str(src)],
          logfile=PEERS / "logs" / "sdist.log")
     found = [f for f in src.glob("llama_cpp_python-*.tar.gz") if want in f.name]
     if not found:
