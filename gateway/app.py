@@ -157,10 +157,9 @@ class RequestContext:
 
     @staticmethod
     def _observe(scope, route: str, code: int, t0: float) -> None:
-        state = scope.get("state") or {}
-        model = str(state.get("model", ""))[:64] if code < 400 or state.get("model") else ""
+        name = (scope.get("state") or {}).get("model")
         served = scope["app"].state.registry.models if "app" in scope else {}
-        model = model if model in served else ("" if not model else "unknown")
+        model = "" if not name else (name if name in served else "unknown")  # bounded label values
         took = time.monotonic() - t0
         metrics.REQUESTS.labels(route, model, str(code)).inc()
         metrics.REQUEST_SECONDS.labels(route, model).observe(took)
