@@ -79,8 +79,7 @@ async def admit(request: Request, principal: Any, served: ServedModel, reserve_t
 
 
 def engine_error(exc: EngineError) -> errors.APIError:
-    return errors.bad_request(str(exc), param=exc.param, code="context_length_exceeded"
-                              if "context length" in str(exc) else None)
+    return errors.bad_request(str(exc), param=exc.param, code=exc.code)
 
 
 def overloaded(exc: Overloaded) -> errors.APIError:

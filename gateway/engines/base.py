@@ -17,9 +17,10 @@ import numpy as np
 class EngineError(Exception):
     """A request the engine cannot serve (too long, bad parameters); maps to a 400."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 class Overloaded(Exception):

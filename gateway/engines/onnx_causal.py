@@ -115,7 +115,8 @@ class OnnxCausalRunner:
             row = self._new_row(seq_id)
         need = int(self._lens[row]) + len(token_ids)
         if need > self.max_seq_len:
-            raise EngineError(f"sequence of {need} tokens exceeds the context of {self.max_seq_len}")
+            raise EngineError(f"sequence of {need} tokens exceeds the context of {self.max_seq_len}",
+                              code="context_length_exceeded")
         self._ensure_len(need)
         ids = np.asarray(token_ids, dtype=np.int64)[None, :]
         logits = self._run(row, row + 1, ids, np.array([len(token_ids)]), None)

@@ -7,6 +7,7 @@ microseconds); the async side runs the bulk ones in a thread.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -119,46 +120,46 @@ class Store:
             self._db.execute("UPDATE keys SET revoked_at=COALESCE(revoked_at, ?) WHERE id=?", (at, key_id))
         return self.get_key(key_id)
 
+    @contextlib.contextmanager
+    def _transaction(self, mode: str = ""):
+        """One explicit transaction under the lock (the connection is in autocommit mode)."""
+        with self._lock:
+            self._db.execute(f"BEGIN {mode}")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
     # Usage.
     def add_usage(self, rows: Iterable[UsageRow]) -> None:
         """Add increments (memory mode, where this table is the record)."""
         rows = list(rows)
         if not rows:
             return
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany(
-                    "INSERT INTO usage VALUES (?,?,?,?,?,?) ON CONFLICT(key_id, model, day) DO UPDATE SET "
-                    "prompt_tokens=prompt_tokens+excluded.prompt_tokens, "
-                    "completion_tokens=completion_tokens+excluded.completion_tokens, "
-                    "requests=requests+excluded.requests",
-                    rows,
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO usage VALUES (?,?,?,?,?,?) ON CONFLICT(key_id, model, day) DO UPDATE SET "
+                "prompt_tokens=prompt_tokens+excluded.prompt_tokens, "
+                "completion_tokens=completion_tokens+excluded.completion_tokens, "
+                "requests=requests+excluded.requests",
+                rows,
+            )
 
     def snapshot_usage(self, rows: Iterable[UsageRow]) -> None:
         """Store absolute totals read from Redis; counters only grow, so keep the larger value."""
         rows = list(rows)
         if not rows:
             return
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany(
-                    "INSERT INTO usage VALUES (?,?,?,?,?,?) ON CONFLICT(key_id, model, day) DO UPDATE SET "
-                    "prompt_tokens=MAX(prompt_tokens, excluded.prompt_tokens), "
-                    "completion_tokens=MAX(completion_tokens, excluded.completion_tokens), "
-                    "requests=MAX(requests, excluded.requests)",
-                    rows,
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO usage VALUES (?,?,?,?,?,?) ON CONFLICT(key_id, model, day) DO UPDATE SET "
+                "prompt_tokens=MAX(prompt_tokens, excluded.prompt_tokens), "
+                "completion_tokens=MAX(completion_tokens, excluded.completion_tokens), "
+                "requests=MAX(requests, excluded.requests)",
+                rows,
+            )
 
     def usage(
         self, key_id: str | None = None, since_day: int | None = None, until_day: int | None = None
@@ -195,15 +196,9 @@ class Store:
                 self._db.executemany("INSERT INTO pending (payload) VALUES (?)", payloads)
 
     def take_pending(self) -> list[dict]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = self._db.execute("SELECT payload FROM pending ORDER BY id").fetchall()
-                self._db.execute("DELETE FROM pending")
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction("IMMEDIATE"):
+            rows = self._db.execute("SELECT payload FROM pending ORDER BY id").fetchall()
+            self._db.execute("DELETE FROM pending")
         return [json.loads(r[0]) for r in rows]
 
 

@@ -103,7 +103,7 @@ class GenerationScheduler:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{len(prompt) + params.max_tokens} tokens ({len(prompt)} in the prompt, {params.max_tokens} "
                 "for the completion). Please reduce the prompt or the completion length.",
-                param="messages",
+                param="messages", code="context_length_exceeded",
             )
         seq = GenSequence(
             id=next(self._ids), prompt=list(prompt), params=params, sink=sink,
