@@ -28,7 +28,7 @@ serve: $(STAMP)
 # FMGATE_TEST_HOME keeps the built default models between local runs (CI starts from a clean clone).
 test: $(STAMP)
 	$(VENV)/bin/ruff check gateway model_store tests bench
-	FMGATE_TEST_HOME=$(CURDIR)/.fmgate/test-home $(PY) -m pytest
+	FMGATE_TEST_HOME=$(CURDIR)/.fmgate/test-home $(PY) -m pytest -m "not heavy" --durations=30
 
 bench: $(STAMP)
 	$(PY) -m bench.run

@@ -6,6 +6,7 @@ Under CI=true a missing dependency (Redis, the model wheels) fails the test; els
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,18 +43,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    url = os.environ.get("FMGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+def _redis_answers(url: str) -> bool:
     import redis
 
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
-        ok = True
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
     except Exception:
-        ok = False
-    need(ok, f"no Redis at {url}")
-    return url
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The Redis at FMGATE_TEST_REDIS_URL (default 127.0.0.1:6379); where none answers, one started here
+    from the `redis-server` binary on a free port."""
+    url = os.environ.get("FMGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    if _redis_answers(url):
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    need(binary is not None, f"no Redis at {url} and no redis-server binary to start one")
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="fmgate-test-redis-")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", workdir],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 30
+        while not _redis_answers(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"redis-server did not start on port {port}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @pytest.fixture(scope="session")
