@@ -60,14 +60,19 @@ def create(
     tokens_per_day: int = typer.Option(0, "--tokens-per-day", min=0, help="UTC day budget; 0 = unlimited"),
     tokens_per_month: int = typer.Option(0, "--tokens-per-month", min=0, help="UTC month budget; 0 = unlimited"),
     max_concurrent: int = typer.Option(0, "--max-concurrent", min=0, help="requests in flight; 0 = unlimited"),
+    weight: float = typer.Option(1.0, "--weight", help="fair share of the batch against other keys"),
     models: str = typer.Option(None, "--models", help="comma-separated model names; default: all"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """Create a key and print its secret, once. Only its SHA-256 is stored."""
     from .quota.keys import KeyLimits, parse_models
 
-    limits = KeyLimits(rpm=rpm, tpm=tpm, tokens_per_day=tokens_per_day, tokens_per_month=tokens_per_month,
-                       max_concurrent=max_concurrent)
+    try:
+        limits = KeyLimits(rpm=rpm, tpm=tpm, tokens_per_day=tokens_per_day, tokens_per_month=tokens_per_month,
+                           max_concurrent=max_concurrent, weight=weight)
+    except ValueError as exc:
+        typer.echo(f"fmgate: {exc}", err=True)
+        raise typer.Exit(2) from None
     secret, rec = _run(lambda km: km.create(name, limits, parse_models(models)))
     if as_json:
         typer.echo(json.dumps({**rec.public(), "key": secret}))

@@ -48,6 +48,7 @@ class KeyCreate(BaseModel):
     tokens_per_day: int | None = Field(None, ge=0, description="UTC calendar day budget")
     tokens_per_month: int | None = Field(None, ge=0, description="UTC calendar month budget")
     max_concurrent: int | None = Field(None, ge=0)
+    weight: float | None = Field(None, gt=0, le=1000, description="fair share of the batch (default 1)")
     models: list[str] | None = Field(None, description="allowed model names; omitted: all")
 
 
@@ -62,7 +63,8 @@ def _unavailable(exc: BackendError) -> APIError:
 @router.post("/keys", status_code=201)
 async def create_key(body: KeyCreate, request: Request):
     limits = KeyLimits(rpm=body.rpm or 0, tpm=body.tpm or 0, tokens_per_day=body.tokens_per_day or 0,
-                       tokens_per_month=body.tokens_per_month or 0, max_concurrent=body.max_concurrent or 0)
+                       tokens_per_month=body.tokens_per_month or 0, max_concurrent=body.max_concurrent or 0,
+                       weight=body.weight or 1.0)
     models = tuple(dict.fromkeys(m.strip() for m in body.models if m.strip())) if body.models is not None else None
     try:
         secret, rec = await _gatekeeper(request).create_key(body.name, limits, models)

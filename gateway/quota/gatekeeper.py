@@ -58,6 +58,12 @@ class Principal:
     name: str
     models: tuple[str, ...] | None = None
     anonymous: bool = False
+    weight: float = 1.0  # fair-share weight (the key's limits)
+
+    @property
+    def tenant(self) -> str:
+        """The fairness key: the key id, or "" when anonymous."""
+        return self.key_id or ""
 
 
 ANONYMOUS = Principal(key_id=None, name="anonymous", anonymous=True)
@@ -214,7 +220,7 @@ class Gatekeeper:
             raise _auth_error("Incorrect API key provided.")
         if rec.revoked:
             raise _auth_error("This API key has been revoked.")
-        return Principal(key_id=rec.id, name=rec.name, models=rec.models)
+        return Principal(key_id=rec.id, name=rec.name, models=rec.models, weight=rec.limits.weight)
 
     async def _record(self, key_id: str) -> KeyRecord | None:
         hit = self._cache.get(key_id)

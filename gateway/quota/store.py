@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from gateway.quota.keys import KeyLimits, KeyRecord
+from gateway.quota.keys import KeyLimits, KeyRecord, ModelLimits
 
 DB_NAME = "quota.sqlite3"
 
@@ -31,6 +31,14 @@ CREATE TABLE IF NOT EXISTS keys (
     tokens_per_month INTEGER NOT NULL DEFAULT 0,
     max_concurrent INTEGER NOT NULL DEFAULT 0,
     models TEXT
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    key_id TEXT,
+    detail TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS usage (
     key_id TEXT NOT NULL,
@@ -66,6 +74,10 @@ class Store:
         self._db.execute("PRAGMA busy_timeout=10000")
         with self._lock:
             self._db.executescript(_SCHEMA)
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(keys)")}
+            for col, decl in _ADDED_COLS:  # columns added after the first release
+                if col not in have:
+                    self._db.execute(f"ALTER TABLE keys ADD COLUMN {col} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -84,20 +96,19 @@ class Store:
         try:
             with self._lock:
                 self._db.execute(
-                    "INSERT INTO keys VALUES (?,?,?,?,?,?,?,?,?,?,?)", _key_values(rec)
+                    f"INSERT INTO keys ({_KEY_COLS}) VALUES ({_QMARKS})", _key_values(rec)
                 )
         except sqlite3.IntegrityError as exc:
             raise KeyExists(rec.id) from exc
 
     def upsert_key(self, rec: KeyRecord) -> None:
-        """Mirror a record from Redis. Revocation is one-way: a revoked row never comes back."""
+        """Write a record (an edit, or a mirror from Redis). Revocation is one-way: a revoked row never
+        comes back."""
+        updates = ", ".join(f"{c}=excluded.{c}" for c in _KEY_COLS.split(", ")[5:])
         with self._lock:
             self._db.execute(
-                "INSERT INTO keys VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
-                "name=excluded.name, revoked_at=COALESCE(keys.revoked_at, excluded.revoked_at), "
-                "rpm=excluded.rpm, tpm=excluded.tpm, tokens_per_day=excluded.tokens_per_day, "
-                "tokens_per_month=excluded.tokens_per_month, max_concurrent=excluded.max_concurrent, "
-                "models=excluded.models",
+                f"INSERT INTO keys ({_KEY_COLS}) VALUES ({_QMARKS}) ON CONFLICT(id) DO UPDATE SET "
+                f"name=excluded.name, revoked_at=COALESCE(keys.revoked_at, excluded.revoked_at), {updates}",
                 _key_values(rec),
             )
 
@@ -132,6 +143,23 @@ class Store:
                 raise
             self._db.execute("COMMIT")
 
+    # Audit log of admin actions.
+    def add_audit(self, at: float, actor: str, action: str, key_id: str | None, detail: dict) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO audit (at, actor, action, key_id, detail) VALUES (?,?,?,?,?)",
+                             (at, actor, action, key_id, json.dumps(detail, sort_keys=True)))
+
+    def audit(self, key_id: str | None = None, limit: int = 1000) -> list[dict]:
+        sql = "SELECT at, actor, action, key_id, detail FROM audit"
+        args: list = []
+        if key_id is not None:
+            sql += " WHERE key_id=?"
+            args.append(key_id)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [{"at": r[0], "actor": r[1], "action": r[2], "key_id": r[3], "detail": json.loads(r[4])}
+                for r in rows]
+
     # Usage.
     def add_usage(self, rows: Iterable[UsageRow]) -> None:
         """Add increments (memory mode, where this table is the record)."""
@@ -162,13 +190,17 @@ class Store:
             )
 
     def usage(
-        self, key_id: str | None = None, since_day: int | None = None, until_day: int | None = None
+        self, key_id: str | None = None, since_day: int | None = None, until_day: int | None = None,
+        model: str | None = None,
     ) -> list[UsageRow]:
         sql = "SELECT key_id, model, day, prompt_tokens, completion_tokens, requests FROM usage WHERE 1=1"
         args: list = []
         if key_id is not None:
             sql += " AND key_id=?"
             args.append(key_id)
+        if model is not None:
+            sql += " AND model=?"
+            args.append(model)
         if since_day is not None:
             sql += " AND day>=?"
             args.append(since_day)
@@ -203,8 +235,12 @@ class Store:
 
 
 _KEY_COLS = (
-    "id, name, hash, created_at, revoked_at, rpm, tpm, tokens_per_day, tokens_per_month, max_concurrent, models"
+    "id, name, hash, created_at, revoked_at, rpm, tpm, tokens_per_day, tokens_per_month, max_concurrent, models, "
+    "expires_at, owner, tags, weight, model_limits"
 )
+_QMARKS = ",".join("?" * 16)
+_ADDED_COLS = (("expires_at", "REAL"), ("owner", "TEXT"), ("tags", "TEXT"), ("weight", "REAL"),
+               ("model_limits", "TEXT"))
 
 
 def _key_values(rec: KeyRecord) -> tuple:
@@ -212,6 +248,8 @@ def _key_values(rec: KeyRecord) -> tuple:
     return (
         rec.id, rec.name, rec.hash, rec.created_at, rec.revoked_at, lim.rpm, lim.tpm, lim.tokens_per_day,
         lim.tokens_per_month, lim.max_concurrent, json.dumps(list(rec.models)) if rec.models is not None else None,
+        rec.expires_at, rec.owner, json.dumps(list(rec.tags)), lim.weight,
+        json.dumps({m: ml.encode() for m, ml in rec.model_limits.items()}),
     )
 
 
@@ -219,6 +257,8 @@ def _key_from_row(row) -> KeyRecord:
     return KeyRecord(
         id=row[0], name=row[1], hash=row[2], created_at=row[3], revoked_at=row[4],
         limits=KeyLimits(rpm=row[5], tpm=row[6], tokens_per_day=row[7], tokens_per_month=row[8],
-                         max_concurrent=row[9]),
+                         max_concurrent=row[9], weight=row[14] if row[14] is not None else 1.0),
         models=tuple(json.loads(row[10])) if row[10] else None,
+        expires_at=row[11], owner=row[12] or "", tags=tuple(json.loads(row[13])) if row[13] else (),
+        model_limits={m: ModelLimits.decode(v) for m, v in json.loads(row[15] or "{}").items()},
     )

@@ -151,3 +151,29 @@ def test_memory_admit_is_idempotent_per_lease(lim):
     a = m.admit_now(rec, "same", 10)
     b = m.admit_now(rec, "same", 10)
     assert a.ok and b.ok and b.remaining_requests == 4 and b.remaining_tokens == 90
+
+
+def test_principal_carries_tenant_and_weight(tmp_path):
+    import asyncio
+
+    from gateway.quota import ANONYMOUS, KeyLimits
+    from gateway.quota.gatekeeper import Gatekeeper
+    from gateway.settings import Settings
+    from tests.quota.conftest import bearer
+
+    async def main():
+        gk = await Gatekeeper.create(Settings(home=tmp_path, auth="on"))
+        try:
+            secret, rec = await gk.create_key("w", KeyLimits(weight=2.5))
+            p = await gk.authenticate(bearer(secret))
+            assert p.tenant == rec.id and p.weight == 2.5
+            plain, _ = await gk.create_key("plain")
+            assert (await gk.authenticate(bearer(plain))).weight == 1.0
+        finally:
+            await gk.close()
+
+    asyncio.run(main())
+    assert ANONYMOUS.tenant == "" and ANONYMOUS.weight == 1.0
+    for bad in (0, -1, 1001, True):
+        with pytest.raises(ValueError):
+            KeyLimits(weight=bad)
