@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     log_level: str = "info"
     cors_origins: list[str] = Field(default_factory=list, description="empty: CORS off")
     shutdown_grace_s: float = 30.0
+    request_timeout_s: float = Field(
+        0, ge=0, description="a generation still running after this many seconds ends with a deadline_exceeded "
+        "error; 0 = no limit. A request's X-Request-Timeout header may ask for less")
     limits: Limits = Field(default_factory=Limits)
     quality_gate: QualityGate = Field(default_factory=QualityGate)
     # Keys and quotas.

@@ -31,6 +31,14 @@ class Overloaded(Exception):
         self.retry_after = retry_after
 
 
+class EngineUnavailable(Exception):
+    """The engine cannot serve at all (its scheduler thread died, the model is not ready); maps to a 503."""
+
+    def __init__(self, message: str, retry_after: float = 30.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
@@ -40,10 +48,29 @@ class SamplingParams:
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None  # None: none; 0: the sampled token's logprob; k: plus the top k
+    prompt_logprobs: int | None = None  # logprobs of the prompt tokens (completions echo)
+    constraint: Any = None  # a gateway.structured.Constraint, one per sequence, or None
+    deadline: float | None = None  # time.monotonic() after which the sequence ends with an error
+    tenant: str = ""  # fairness key (the API key id; "" = anonymous)
+    weight: float = 1.0  # fair-share weight of the tenant
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 1e-5
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
 
 
 @dataclass

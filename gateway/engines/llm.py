@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import os
 import queue
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -17,7 +19,10 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..scheduler.generation import Event, GenerationScheduler, GenSequence
-from .base import CausalRunner, EngineError, SamplingParams
+from .base import CausalRunner, EngineError, EngineUnavailable, SamplingParams
+
+# Tests only, off unless set: the scheduler thread dies at the Nth decode step (see tests/e2e/test_engine_faults.py).
+TEST_FAULT_ENV = "FMGATE_TEST_KILL_ENGINE_AT_DECODE"
 
 
 @dataclass
@@ -34,6 +39,9 @@ class LLMEngine:
         self.name = name
         self.runner = runner
         self.tokenizer = tokenizer
+        if os.environ.get(TEST_FAULT_ENV):
+            runner = _DyingRunner(runner, int(os.environ[TEST_FAULT_ENV]))
+            self.runner = runner
         self.scheduler = GenerationScheduler(
             runner, tokenizer.backend_tokenizer, eos_ids, name=name, **scheduler_opts
         )
@@ -55,9 +63,23 @@ class LLMEngine:
     def max_model_len(self) -> int:
         return self.runner.max_seq_len
 
+    @property
+    def ready(self) -> bool:
+        """False once the scheduler thread died (or stopped): requests would never be served."""
+        return self.scheduler.alive
+
     # -- prompts --
 
-    def chat_prompt(self, messages: Sequence[dict]) -> list[int]:
+    def chat_prompt(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
+        """Blocking (tokenizes): call it with asyncio.to_thread from async code."""
+        try:
+            from ..structured import render_chat
+        except ImportError:
+            render_chat = None
+        if render_chat is not None:
+            return list(render_chat(self.tokenizer, list(messages), list(tools) if tools else None))
+        if tools:
+            raise EngineError("Tool calling is not supported by this model.", param="tools")
         if not getattr(self.tokenizer, "chat_template", None):
             raise EngineError("This model has no chat template; use /v1/completions.", param="messages")
         try:
@@ -74,6 +96,24 @@ class LLMEngine:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 (one engine per model, alive for the process)
+    def token_text(self, token_id: int) -> str:
+        """The text of one token as OpenAI's logprobs show it (a partial UTF-8 character shows as U+FFFD)."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019
+    def token_bytes(self, token_id: int) -> list[int]:
+        """The exact bytes of one token (logprobs' `bytes`), also when it is part of a UTF-8 character."""
+        piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        if piece is None:
+            return []
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # sentencepiece byte fallback
+            return [int(piece[3:5], 16)]
+        table = _byte_decoder()
+        if all(ch in table for ch in piece):  # byte-level BPE (GPT-2 style): one char per byte
+            return [table[ch] for ch in piece]
+        return list(self.token_text(token_id).encode("utf-8"))
+
     # -- generation --
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, sink) -> GenSequence:
@@ -83,18 +123,32 @@ class LLMEngine:
         self.scheduler.cancel(seq)
 
     async def stream(self, prompt: Sequence[int], params: SamplingParams) -> AsyncIterator[Event]:
-        """Events as the scheduler produces them; leaving the loop early cancels the sequence."""
+        """Events as the scheduler produces them; leaving the loop early cancels the sequence.
+        Refusals (EngineError, Overloaded, EngineUnavailable) are raised before the first event."""
+        async for _, ev in self.stream_many([(prompt, params)]):
+            yield ev
+
+    async def stream_many(self, requests: Sequence[tuple[Sequence[int], SamplingParams]],
+                          ) -> AsyncIterator[tuple[int, Event]]:
+        """(index, event) for several sequences at once (n choices, several prompts). All are queued or
+        none; closing the generator or cancelling its task cancels every unfinished one within a step."""
         loop = asyncio.get_running_loop()
-        q: asyncio.Queue[Event] = asyncio.Queue()
-        seq = self.submit(prompt, params, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+        q: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+        def sink(i: int):
+            return lambda ev: loop.call_soon_threadsafe(q.put_nowait, (i, ev))
+
+        seqs = self.scheduler.submit_many([(p, sp, sink(i)) for i, (p, sp) in enumerate(requests)])
+        left = len(seqs)
         try:
-            while True:
-                ev = await q.get()
-                yield ev
+            while left:
+                i, ev = await q.get()
                 if ev.finish_reason is not None:
-                    return
+                    left -= 1
+                yield i, ev
         finally:
-            self.cancel(seq)
+            for seq in seqs:
+                self.cancel(seq)
 
     def stream_sync(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[Event]:
         q: queue.Queue[Event] = queue.Queue()
@@ -124,10 +178,48 @@ def _collect(events: Iterator[Event]) -> Completion:
     for ev in events:
         parts.append(ev.text)
         if ev.finish_reason is not None:
+            if ev.error_code == "engine_failed":
+                raise EngineUnavailable(ev.error or "The engine failed.")
             if ev.error:
-                raise EngineError(ev.error)
+                raise EngineError(ev.error, code=ev.error_code)
             return Completion("".join(parts), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens)
     raise EngineError("generation ended without a result")
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: printable stand-in character -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+class _DyingRunner:
+    """A runner whose Nth decode kills the scheduler thread (an error no step handler catches).
+    Only for tests of the watchdog, enabled by the FMGATE_TEST_KILL_ENGINE_AT_DECODE variable."""
+
+    def __init__(self, runner: CausalRunner, at: int):
+        self._runner = runner
+        self._left = at
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
+    def decode(self, seq_ids, token_ids):
+        self._left -= 1
+        if self._left <= 0:
+            raise _EngineKilled(f"{TEST_FAULT_ENV} reached")
+        return self._runner.decode(seq_ids, token_ids)
+
+
+class _EngineKilled(BaseException):
+    """Escapes the scheduler's per-step handlers, as a bug in the loop itself would."""
 
 
 def eos_token_ids(path: Path, tokenizer: PreTrainedTokenizerBase) -> list[int]:

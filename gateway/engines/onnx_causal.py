@@ -37,6 +37,7 @@ PREFIX_BLOCK = 8
 
 class OnnxCausalRunner:
     device = "cpu"
+    prompt_logits = True  # prefill(..., all_logits=True) returns every position's logits
 
     def __init__(self, model_dir: Path, capacity: int = 16, max_seq_len: int = 2048, threads: int = 0,
                  providers: Sequence[str] = ("CPUExecutionProvider",), prefix_cache_blocks: int = 256):
@@ -109,7 +110,7 @@ class OnnxCausalRunner:
             while len(self._prefix) > self._prefix_cap:
                 self._prefix.popitem(last=False)
 
-    def prefill(self, seq_id: int, token_ids: Sequence[int]) -> np.ndarray:
+    def prefill(self, seq_id: int, token_ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         row = self._rows.get(seq_id)
         if row is None:
             row = self._new_row(seq_id)
@@ -120,14 +121,15 @@ class OnnxCausalRunner:
         self._ensure_len(need)
         ids = np.asarray(token_ids, dtype=np.int64)[None, :]
         logits = self._run(row, row + 1, ids, np.array([len(token_ids)]), None)
-        return logits[0, -1]
+        return logits[0] if all_logits else logits[0, -1]
 
     def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         rows = np.fromiter((self._rows[s] for s in seq_ids), dtype=np.int64, count=len(seq_ids))
         hi = int(rows.max()) + 1
-        self._ensure_len(int(self._lens[rows].max()) + 1)
         # Rows in [0, hi) that are not decoding (mid-prefill) ride along: their token lands past their
-        # valid length and is overwritten later; their length does not advance.
+        # valid length and is overwritten later; their length does not advance. The buffer must hold
+        # that token too, so it is sized for every row in the view, not only the decoding ones.
+        self._ensure_len(int(self._lens[:hi].max()) + 1)
         ids = np.zeros((hi, 1), dtype=np.int64)
         ids[rows, 0] = token_ids
         advance = np.zeros(hi, dtype=np.int64)
@@ -154,7 +156,7 @@ class OnnxCausalRunner:
         self._maybe_shrink()
 
     def sample(self, logits: np.ndarray, states: Sequence[SequenceState]) -> list[int]:
-        return sample_rows(np.atleast_2d(logits), states)
+        return sample_rows(np.atleast_2d(logits), states)[0]
 
     def length(self, seq_id: int) -> int:
         return int(self._lens[self._rows[seq_id]])

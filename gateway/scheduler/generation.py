@@ -1,12 +1,18 @@
 """Continuous (iteration-level) batching for generation. Knows nothing of HTTP or asyncio.
 
 One thread owns the runner. Each iteration it
-1. drops cancelled sequences (a disconnected client frees its slot within one step),
-2. admits waiting requests FCFS while slots are free,
+1. ends cancelled and overdue sequences (a disconnected client frees its slot within one step),
+2. admits waiting requests while slots are free (fair share between tenants when gateway.scheduler.fair
+   is there, else FCFS),
 3. prefills prompts in chunks, at most `max_batch_tokens - running` prompt tokens per iteration,
    so a long prompt never stalls the decoders for more than one chunk,
 4. runs one batched decode step for every running sequence and hands each new token to its sink.
 Finished sequences leave the batch at once; new ones join at the next step boundary.
+
+Failures are contained: a sequence whose own input breaks (a grammar, a token, its sink) ends alone
+with an error; a runner fault fails the batch it ran; if the thread itself dies, every sequence gets
+a final "engine_failed" event, `alive` turns False and `submit` raises EngineUnavailable.
+Every sequence gets exactly one final event, cancelled ones included (finish_reason "abort").
 """
 
 from __future__ import annotations
@@ -16,29 +22,50 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from .. import metrics
-from ..engines.base import CausalRunner, EngineError, Overloaded, SamplingParams, SequenceState
+from ..engines import sampling
+from ..engines.base import (
+    CausalRunner,
+    EngineError,
+    EngineUnavailable,
+    Overloaded,
+    SamplingParams,
+    SequenceState,
+    TokenLogprob,
+)
 
 log = logging.getLogger("fmgate.scheduler")
+
+# A runner that faults this many steps in a row is treated as dead (the thread stops; see `alive`).
+MAX_CONSECUTIVE_FAULTS = 3
 
 
 @dataclass
 class Event:
-    """What a sequence produced in one step. `finish_reason` is set on its last event."""
+    """What a sequence produced since its previous event. `finish_reason` is set on its last event."""
 
     text: str = ""
-    token_id: int | None = None
+    tokens: list[int] = field(default_factory=list)  # every token accepted since the previous event
+    logprobs: list[TokenLogprob] | None = None  # aligned with tokens when params.logprobs is not None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first event only, when asked; [0] is None
     finish_reason: str | None = None  # stop | length | abort | error
     error: str | None = None
+    error_code: str | None = None  # deadline_exceeded | engine_failed | engine_error | grammar_error | ...
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+    @property
+    def token_id(self) -> int | None:
+        """The last token of this event (older callers' view of one token per event)."""
+        return self.tokens[-1] if self.tokens else None
 
 
 Sink = Callable[[Event], None]
@@ -50,16 +77,66 @@ class GenSequence:
     prompt: list[int]
     params: SamplingParams
     sink: Sink
-    state: SequenceState
+    state: Any  # sampling.SamplingState (or base.SequenceState before it existed)
     detok: DecodeStream
     prefilled: int = 0
     output: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # chars of `text` already handed to the sink
+    pending: list[int] = field(default_factory=list)  # accepted tokens not yet in an event
+    pending_lp: list[TokenLogprob] = field(default_factory=list)
+    prompt_lp: list[TokenLogprob | None] | None = None
     cancelled: bool = False
     done: bool = False
     t_submit: float = field(default_factory=time.monotonic)
     t_first: float | None = None
+
+
+class _Fifo:
+    """First come, first served; the interface of gateway.scheduler.fair.FairQueue."""
+
+    def __init__(self) -> None:
+        self._q: deque[GenSequence] = deque()
+
+    def push(self, seq: GenSequence) -> None:
+        self._q.append(seq)
+
+    def pop(self) -> GenSequence:
+        return self._q.popleft()
+
+    def remove_if(self, pred: Callable[[GenSequence], bool]) -> list[GenSequence]:
+        gone = [s for s in self._q if pred(s)]
+        if gone:
+            self._q = deque(s for s in self._q if not pred(s))
+        return gone
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def __iter__(self) -> Iterator[GenSequence]:
+        return iter(self._q)
+
+
+def _waiting_queue():
+    try:
+        from .fair import FairQueue
+    except ImportError:
+        return _Fifo()
+    return FairQueue()
+
+
+def _new_state(params: SamplingParams, prompt: Sequence[int]) -> Any:
+    cls = getattr(sampling, "SamplingState", None)
+    if cls is not None:
+        return cls(params, prompt)
+    return SequenceState(params, np.random.default_rng(params.seed))
+
+
+def _plain(p: SamplingParams) -> bool:
+    """Parameters any runner's own `sample` handles (greedy or temperature/top-p), with no logprobs."""
+    return (p.constraint is None and p.logprobs is None and not p.top_k and not p.min_p
+            and not p.presence_penalty and not p.frequency_penalty and p.repetition_penalty == 1.0
+            and not p.logit_bias)
 
 
 class GenerationScheduler:
@@ -83,18 +160,47 @@ class GenerationScheduler:
         self.max_queued = max_queued
         self._ids = itertools.count()
         self._cv = threading.Condition()
-        self._waiting: deque[GenSequence] = deque()
+        self._waiting = _waiting_queue()
         self._prefilling: list[GenSequence] = []
         self._running: list[GenSequence] = []
         self._cancel_pending = False
         self._stopping = False
+        self._failed: str | None = None  # why the thread died
+        self._faults = 0  # consecutive failed steps
         self._step_seconds = 0.05  # moving average, for Retry-After
-        self._thread = threading.Thread(target=self._loop, name=f"gen-{name}", daemon=True)
+        metrics.ENGINE_UP.labels(name).set(1)
+        self._thread = threading.Thread(target=self._main, name=f"gen-{name}", daemon=True)
         self._thread.start()
 
     # -- called from any thread --
 
+    @property
+    def alive(self) -> bool:
+        """False once the scheduler thread has died or stopped: nothing submitted would ever run."""
+        return self._failed is None and not self._stopping and self._thread.is_alive()
+
     def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Sink) -> GenSequence:
+        return self.submit_many([(prompt, params, sink)])[0]
+
+    def submit_many(self, requests: Sequence[tuple[Sequence[int], SamplingParams, Sink]]) -> list[GenSequence]:
+        """Queue every request or none: a refusal (EngineError, Overloaded, EngineUnavailable) queues nothing."""
+        seqs = [self._new_seq(prompt, params, sink) for prompt, params, sink in requests]
+        with self._cv:
+            if self._failed is not None:
+                raise EngineUnavailable(f"The engine for {self.name} failed: {self._failed}", retry_after=30)
+            if self._stopping:
+                raise Overloaded("The server is shutting down.", retry_after=5)
+            if len(self._waiting) + len(seqs) > self.max_queued:
+                raise Overloaded(
+                    f"Too many queued requests for {self.name}; retry shortly.", retry_after=self.retry_after()
+                )
+            for seq in seqs:
+                self._waiting.push(seq)
+            metrics.QUEUE_DEPTH.labels(self.name).set(len(self._waiting))
+            self._cv.notify()
+        return seqs
+
+    def _new_seq(self, prompt: Sequence[int], params: SamplingParams, sink: Sink) -> GenSequence:
         limit = self.runner.max_seq_len
         if not prompt:
             raise EngineError("The prompt is empty.", param="messages")
@@ -105,22 +211,18 @@ class GenerationScheduler:
                 "for the completion). Please reduce the prompt or the completion length.",
                 param="messages", code="context_length_exceeded",
             )
-        seq = GenSequence(
-            id=next(self._ids), prompt=list(prompt), params=params, sink=sink,
-            state=SequenceState(params, np.random.default_rng(params.seed)),
+        vocab = self.runner.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise EngineError(f"Token id {bad} is outside this model's vocabulary (0 to {vocab - 1}).",
+                              param="prompt")
+        if params.prompt_logprobs is not None and not getattr(self.runner, "prompt_logits", False):
+            raise EngineError("Prompt logprobs are not available on this engine.", param="logprobs")
+        return GenSequence(
+            id=next(self._ids), prompt=list(prompt), params=params, sink=sink, state=_new_state(params, prompt),
             detok=DecodeStream(skip_special_tokens=True),
+            prompt_lp=[None] if params.prompt_logprobs is not None else None,
         )
-        with self._cv:
-            if self._stopping:
-                raise Overloaded("The server is shutting down.", retry_after=5)
-            if len(self._waiting) >= self.max_queued:
-                raise Overloaded(
-                    f"Too many queued requests for {self.name}; retry shortly.", retry_after=self.retry_after()
-                )
-            self._waiting.append(seq)
-            metrics.QUEUE_DEPTH.labels(self.name).set(len(self._waiting))
-            self._cv.notify()
-        return seq
 
     def cancel(self, seq: GenSequence) -> None:
         if seq.done:
@@ -143,6 +245,7 @@ class GenerationScheduler:
         return {"waiting": len(self._waiting), "prefilling": len(self._prefilling), "running": len(self._running)}
 
     def shutdown(self, abort: bool = True) -> None:
+        """Stop the thread; with `abort`, every unfinished sequence gets its final "abort" event first."""
         with self._cv:
             self._stopping = True
             if abort:
@@ -150,53 +253,95 @@ class GenerationScheduler:
                     seq.cancelled = True
                 self._cancel_pending = True
             self._cv.notify()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=30)
+        metrics.ENGINE_UP.labels(self.name).set(0)
 
     # -- the loop (scheduler thread only) --
+
+    def _main(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the watchdog: nothing may be left waiting on a dead thread
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        with self._cv:
+            self._failed = f"{type(exc).__name__}: {exc}"
+            seqs = [*self._waiting.remove_if(lambda s: True), *self._prefilling, *self._running]
+            self._prefilling, self._running = [], []
+        log.error("engine thread for %s died; the model is unavailable", self.name, exc_info=exc)
+        metrics.ENGINE_FAILURES.labels(self.name).inc()
+        metrics.ENGINE_UP.labels(self.name).set(0)
+        for seq in seqs:
+            self._end(seq, "error", "The engine for this model failed; retry later.", "engine_failed")
+        metrics.QUEUE_DEPTH.labels(self.name).set(0)
+        metrics.RUNNING_SEQS.labels(self.name).set(0)
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._waiting or self._prefilling or self._running or self._stopping):
+                while not (len(self._waiting) or self._prefilling or self._running or self._stopping):
                     self._cv.wait()
-                if self._stopping and not (self._waiting or self._prefilling or self._running):
+                if self._stopping and not (len(self._waiting) or self._prefilling or self._running):
                     return
-                if self._cancel_pending:
-                    self._cancel_pending = False
-                    self._reap_cancelled()
-                while self._waiting and len(self._prefilling) + len(self._running) < self.max_num_seqs:
-                    self._prefilling.append(self._waiting.popleft())
+                reap = self._cancel_pending
+                self._cancel_pending = False
+                gone = self._waiting.remove_if(lambda s: s.cancelled) if reap else []
+                gone += self._waiting.remove_if(_overdue) if any(map(_has_deadline, self._waiting)) else []
+                while len(self._waiting) and len(self._prefilling) + len(self._running) < self.max_num_seqs:
+                    self._prefilling.append(self._waiting.pop())
                 metrics.QUEUE_DEPTH.labels(self.name).set(len(self._waiting))
-            try:
-                t0 = time.monotonic()
-                self._prefill_step()
-                if self._running:
-                    self._decode_step()
-                    self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.monotonic() - t0)
-            except Exception:  # the loop must survive; the affected requests get an error
-                log.exception("engine step failed for %s", self.name)
-                for seq in [*self._prefilling, *self._running]:
-                    self._finish(seq, "error", error="The engine failed while generating.")
+            # Runner work (release, resize) happens outside the lock that submit and cancel take.
+            for seq in gone:
+                self._finish_early(seq)
+            for seq in [s for s in (*self._prefilling, *self._running) if s.cancelled or _overdue(s)]:
+                self._finish_early(seq)
+            t0 = time.monotonic()
+            self._prefill_step()
+            if self._running:
+                self._decode_step()
+                self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.monotonic() - t0)
             metrics.RUNNING_SEQS.labels(self.name).set(len(self._running))
 
-    def _reap_cancelled(self) -> None:
-        self._waiting = deque(s for s in self._waiting if not s.cancelled)
-        for seq in [s for s in (*self._prefilling, *self._running) if s.cancelled]:
+    def _finish_early(self, seq: GenSequence) -> None:
+        if seq.cancelled:
             self._finish(seq, "abort")
+        else:
+            self._finish(seq, "error", f"The request did not finish within its deadline "
+                         f"({seq.params.deadline - seq.t_submit:.1f} s).", "deadline_exceeded")
+
+    def _fault(self, what: str, seqs: Sequence[GenSequence]) -> None:
+        """A runner call failed: fail the sequences it ran; a runner that keeps failing is dead."""
+        self._faults += 1
+        log.exception("engine %s failed for %s (%d in a row)", what, self.name, self._faults)
+        for seq in list(seqs):
+            self._finish(seq, "error", "The engine failed while generating.", "engine_error")
+        if self._faults >= MAX_CONSECUTIVE_FAULTS:
+            raise RuntimeError(f"{self._faults} engine steps failed in a row")
 
     def _prefill_step(self) -> None:
         budget = max(self.max_batch_tokens - len(self._running), 16)
         for seq in list(self._prefilling):
             if budget <= 0:
                 break
-            if seq.prefilled == 0 and hasattr(self.runner, "reuse_prefix"):
+            if seq.prefilled == 0 and seq.prompt_lp is None and hasattr(self.runner, "reuse_prefix"):
                 seq.prefilled = self.runner.reuse_prefix(seq.id, seq.prompt)
-            chunk = seq.prompt[seq.prefilled : seq.prefilled + budget]
+            start = seq.prefilled
+            chunk = seq.prompt[start : start + budget]
             try:
-                logits = self.runner.prefill(seq.id, chunk)
+                if seq.prompt_lp is not None:
+                    logits = self.runner.prefill(seq.id, chunk, all_logits=True)
+                    self._prompt_logprobs(seq, logits, start, len(chunk))
+                    logits = logits[-1]
+                else:
+                    logits = self.runner.prefill(seq.id, chunk)
             except EngineError as exc:
-                self._finish(seq, "error", error=str(exc))
+                self._finish(seq, "error", str(exc), exc.code)
                 continue
+            except Exception:
+                self._fault("prefill", [seq])
+                continue
+            self._faults = 0
             seq.prefilled += len(chunk)
             budget -= len(chunk)
             if seq.prefilled == len(seq.prompt):
@@ -204,18 +349,70 @@ class GenerationScheduler:
                     self.runner.cache_prefix(seq.id, seq.prompt)
                 self._prefilling.remove(seq)
                 self._running.append(seq)
-                token = self.runner.sample(logits, [seq.state])[0]
-                self._accept(seq, token)
+                self._sample_and_accept([seq], logits[None])
+
+    def _prompt_logprobs(self, seq: GenSequence, logits: Any, start: int, n: int) -> None:
+        """Logprob of each prompt token after the first, from the chunk's logits (row i predicts i + 1)."""
+        nxt = seq.prompt[start + 1 : start + n + 1]
+        rows = np.asarray(logits[: len(nxt)], dtype=np.float32)
+        seq.prompt_lp.extend(sampling.prompt_logprobs(rows, nxt, seq.params.prompt_logprobs))
 
     def _decode_step(self) -> None:
-        batch = self._running
-        logits = self.runner.decode([s.id for s in batch], [s.output[-1] for s in batch])
-        tokens = self.runner.sample(logits, [s.state for s in batch])
+        batch = list(self._running)
+        try:
+            logits = self.runner.decode([s.id for s in batch], [s.output[-1] for s in batch])
+        except Exception:
+            self._fault("decode", batch)
+            return
+        self._faults = 0
         metrics.BATCH_SIZE.labels(self.name, "decode").observe(len(batch))
-        for seq, token in zip(list(batch), tokens, strict=True):
-            self._accept(seq, token)
+        self._sample_and_accept(batch, logits)
 
-    def _accept(self, seq: GenSequence, token: int) -> None:
+    def _sample_and_accept(self, seqs: list[GenSequence], logits: Any) -> None:
+        try:
+            tokens, lps = self._sample(seqs, logits)
+        except Exception:  # find the row at fault: sample one by one
+            tokens, lps = [], []
+            for i, seq in enumerate(seqs):
+                try:
+                    t, lp = self._sample([seq], logits[i : i + 1])
+                except Exception as exc:
+                    log.warning("sampling failed for one sequence of %s: %s", self.name, exc)
+                    self._finish(seq, "error", f"Sampling failed: {exc}", "sampling_error")
+                    t, lp = [None], [None]
+                tokens += t
+                lps += lp
+        for seq, token, lp in zip(seqs, tokens, lps, strict=True):
+            if seq.done or token is None:
+                continue
+            try:
+                self._accept(seq, int(token), lp)
+            except Exception as exc:
+                log.warning("sequence of %s failed on token %s: %s", self.name, token, exc)
+                self._finish(seq, "error", f"The engine could not use token {token}.", "bad_token")
+
+    def _sample(self, seqs: list[GenSequence], logits: Any) -> tuple[list[int | None], list[Any]]:
+        states = [s.state for s in seqs]
+        if not isinstance(logits, np.ndarray) and all(_plain(s.params) for s in seqs):
+            return self.runner.sample(logits, states), [None] * len(seqs)  # e.g. on the GPU
+        host = np.atleast_2d(logits if isinstance(logits, np.ndarray) else logits.float().cpu().numpy())
+        masked = [i for i, s in enumerate(seqs) if s.params.constraint is not None]
+        bitmask = None
+        broken = set()
+        if masked:
+            from ..structured import allocate_bitmask
+
+            bitmask = allocate_bitmask(len(seqs), host.shape[-1])
+            for i in masked:
+                try:
+                    seqs[i].params.constraint.fill_bitmask(bitmask, i)
+                except Exception as exc:
+                    broken.add(i)
+                    self._finish(seqs[i], "error", f"The output grammar failed: {exc}", "grammar_error")
+        tokens, lps = _sample_rows(host, states, bitmask, masked)
+        return [None if i in broken else t for i, t in enumerate(tokens)], lps
+
+    def _accept(self, seq: GenSequence, token: int, lp: TokenLogprob | None) -> None:
         now = time.monotonic()
         if seq.t_first is None:
             seq.t_first = now
@@ -224,7 +421,16 @@ class GenerationScheduler:
         if token in self.eos and not p.ignore_eos or token in p.stop_token_ids:
             self._finish(seq, "stop")
             return
+        c = p.constraint
+        if c is not None and not c.accept(token):
+            self._finish(seq, "error", f"Token {token} does not fit the requested output format.", "grammar_error")
+            return
+        if hasattr(seq.state, "observe"):
+            seq.state.observe(token)
         seq.output.append(token)
+        seq.pending.append(token)
+        if p.logprobs is not None and lp is not None:
+            seq.pending_lp.append(lp)
         piece = seq.detok.step(self.tokenizer, token) or ""
         seq.text += piece
         if p.stop:
@@ -233,32 +439,76 @@ class GenerationScheduler:
                 seq.text = seq.text[:hit]
                 self._finish(seq, "stop")
                 return
+        if c is not None and c.is_finished():
+            self._finish(seq, "stop")
+            return
         if len(seq.output) >= p.max_tokens or len(seq.prompt) + len(seq.output) >= self.runner.max_seq_len:
             self._finish(seq, "length")
             return
         upto = len(seq.text) - _holdback(seq.text, p.stop) if p.stop else len(seq.text)
         if upto > seq.sent:
-            seq.sink(Event(text=seq.text[seq.sent : upto], token_id=token))
+            text = seq.text[seq.sent : upto]
             seq.sent = upto
+            self._emit(seq, self._event(seq, text))
 
-    def _finish(self, seq: GenSequence, reason: str, error: str | None = None) -> None:
-        seq.done = True
+    def _event(self, seq: GenSequence, text: str, **final: Any) -> Event:
+        ev = Event(text=text, tokens=seq.pending, **final)
+        seq.pending = []
+        if seq.params.logprobs is not None:
+            ev.logprobs, seq.pending_lp = seq.pending_lp, []
+        if seq.prompt_lp is not None:
+            ev.prompt_logprobs, seq.prompt_lp = seq.prompt_lp, None
+        return ev
+
+    def _emit(self, seq: GenSequence, ev: Event) -> None:
+        """Hand an event over; a sink that raises (its loop closed, say) cancels only its own sequence."""
+        try:
+            seq.sink(ev)
+        except Exception as exc:
+            log.warning("the consumer of a sequence of %s failed (%s); cancelling it", self.name, exc)
+            seq.cancelled = True
+            self._cancel_pending = True
+
+    def _finish(self, seq: GenSequence, reason: str, error: str | None = None, code: str | None = None) -> None:
+        if seq.done:
+            return
         if seq in self._running:
             self._running.remove(seq)
         if seq in self._prefilling:
             self._prefilling.remove(seq)
-        self.runner.release(seq.id)
-        if seq.t_first is not None and len(seq.output) > 1:
-            metrics.TPOT_SECONDS.labels(self.name).observe(
-                (time.monotonic() - seq.t_first) / (len(seq.output) - 1)
-            )
-        if reason == "abort":
+        try:
+            self.runner.release(seq.id)
+        finally:
+            if seq.t_first is not None and len(seq.output) > 1:
+                metrics.TPOT_SECONDS.labels(self.name).observe(
+                    (time.monotonic() - seq.t_first) / (len(seq.output) - 1)
+                )
+            self._end(seq, reason, error, code)
+
+    def _end(self, seq: GenSequence, reason: str, error: str | None = None, code: str | None = None) -> None:
+        """The sequence's one final event (no runner work: also used once the thread is dead)."""
+        if seq.done:
             return
-        seq.sink(Event(
-            text=seq.text[seq.sent :], finish_reason=reason, error=error,
-            prompt_tokens=len(seq.prompt), completion_tokens=len(seq.output),
-        ))
+        seq.done = True
+        text = "" if reason in ("abort", "error") else seq.text[seq.sent :]
         seq.sent = len(seq.text)
+        self._emit(seq, self._event(seq, text, finish_reason=reason, error=error, error_code=code,
+                                    prompt_tokens=len(seq.prompt), completion_tokens=len(seq.output)))
+
+
+def _has_deadline(seq: GenSequence) -> bool:
+    return seq.params.deadline is not None
+
+
+def _overdue(seq: GenSequence) -> bool:
+    return seq.params.deadline is not None and time.monotonic() > seq.params.deadline
+
+
+def _sample_rows(logits: np.ndarray, states: Sequence[Any], bitmask: np.ndarray | None,
+                 masked: Sequence[int]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """sampling.sample_rows, by the contract (tokens, logprobs)."""
+    out = sampling.sample_rows(logits, states, bitmask, masked)
+    return out if isinstance(out, tuple) else (out, [None] * len(out))
 
 
 def _find_stop(text: str, stops: Sequence[str], sent: int) -> int | None:
