@@ -1,11 +1,14 @@
-"""`fmgate keys create | list | revoke | usage`: the same store and Redis the server uses (FMGATE_* settings)."""
+"""`fmgate keys create | list | show | edit | revoke | usage | audit`: the same store and Redis the server
+uses (FMGATE_* settings)."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import getpass
 import json
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -14,8 +17,47 @@ import typer
 from .settings import Settings
 
 keys_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                       help="Create, list and revoke API keys; read usage.")
+                       help="Create, list, edit and revoke API keys; read usage and the audit log.")
 T = TypeVar("T")
+
+
+def _actor() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in this environment
+        user = str(os.getuid())
+    return f"cli:{user}@{socket.gethostname()}"
+
+
+def _fail(message: str, code: int = 2):
+    typer.echo(f"fmgate: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _extra(expires: str | None, owner: str | None, tags: list[str] | None, model_limit: list[str] | None,
+           clear_model_limit: list[str] | None = None) -> dict:
+    """The record fields beyond limits that the create and edit commands share."""
+    from .quota.keys import parse_model_limits, parse_time
+
+    out: dict = {}
+    if expires is not None:
+        try:
+            out["expires_at"] = None if expires in ("", "never") else parse_time(expires)
+        except ValueError:
+            _fail("--expires takes an ISO 8601 time like 2026-12-31 or 2026-12-31T18:00:00Z, or 'never'")
+    if owner is not None:
+        out["owner"] = owner
+    if tags is not None:
+        out["tags"] = [t for tag in tags for t in tag.split(",") if t.strip()]
+    try:
+        ml: dict = parse_model_limits(model_limit) if model_limit else {}
+    except ValueError as exc:
+        _fail(str(exc))
+    for m in clear_model_limit or ():
+        ml[m] = None
+    if ml:
+        out["model_limits"] = ml
+    return out
 
 
 def _run(op: Callable[..., Awaitable[T]]) -> T:
@@ -62,6 +104,11 @@ def create(
     max_concurrent: int = typer.Option(0, "--max-concurrent", min=0, help="requests in flight; 0 = unlimited"),
     weight: float = typer.Option(1.0, "--weight", help="fair share of the batch against other keys"),
     models: str = typer.Option(None, "--models", help="comma-separated model names; default: all"),
+    expires: str = typer.Option(None, "--expires", help="ISO 8601 time the key stops working (UTC unless stated)"),
+    owner: str = typer.Option(None, "--owner", help="who the key belongs to"),
+    tag: list[str] = typer.Option(None, "--tag", help="a label; repeat or comma-separate"),
+    model_limit: list[str] = typer.Option(None, "--model-limit",
+                                          help="per-model limits, e.g. 'chat-model:rpm=10,tpm=5000'; repeat"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """Create a key and print its secret, once. Only its SHA-256 is stored."""
@@ -71,9 +118,9 @@ def create(
         limits = KeyLimits(rpm=rpm, tpm=tpm, tokens_per_day=tokens_per_day, tokens_per_month=tokens_per_month,
                            max_concurrent=max_concurrent, weight=weight)
     except ValueError as exc:
-        typer.echo(f"fmgate: {exc}", err=True)
-        raise typer.Exit(2) from None
-    secret, rec = _run(lambda km: km.create(name, limits, parse_models(models)))
+        _fail(str(exc))
+    extra = _extra(expires, owner, tag, model_limit)
+    secret, rec = _run(lambda km: km.create(name, limits, parse_models(models), actor=_actor(), **extra))
     if as_json:
         typer.echo(json.dumps({**rec.public(), "key": secret}))
         return
@@ -104,9 +151,82 @@ def list_keys(as_json: bool = typer.Option(False, "--json", help="print JSON")):
 
 
 @keys_app.command()
+def show(key_id: str = typer.Argument(..., help="the key id from `fmgate keys list`")):
+    """Print one key's record as JSON (never its secret)."""
+    recs = _run(lambda km: km.list())
+    rec = next((r for r in recs if r.id == key_id), None)
+    if rec is None:
+        _fail(f"no key with id {key_id}", 1)
+    typer.echo(json.dumps(rec.public(), indent=2))
+
+
+@keys_app.command()
+def edit(
+    key_id: str = typer.Argument(..., help="the key id from `fmgate keys list`"),
+    name: str = typer.Option(None, "--name"),
+    rpm: int = typer.Option(None, "--rpm", min=0, help="0 = unlimited"),
+    tpm: int = typer.Option(None, "--tpm", min=0, help="0 = unlimited"),
+    tokens_per_day: int = typer.Option(None, "--tokens-per-day", min=0, help="0 = unlimited"),
+    tokens_per_month: int = typer.Option(None, "--tokens-per-month", min=0, help="0 = unlimited"),
+    max_concurrent: int = typer.Option(None, "--max-concurrent", min=0, help="0 = unlimited"),
+    weight: float = typer.Option(None, "--weight"),
+    models: str = typer.Option(None, "--models", help="comma-separated model names; 'all' = every model"),
+    expires: str = typer.Option(None, "--expires", help="ISO 8601 time, or 'never'"),
+    owner: str = typer.Option(None, "--owner"),
+    tag: list[str] = typer.Option(None, "--tag", help="replaces the tags; repeat or comma-separate"),
+    model_limit: list[str] = typer.Option(None, "--model-limit", help="'model:rpm=10,tpm=5000' sets that model's"),
+    clear_model_limit: list[str] = typer.Option(None, "--clear-model-limit", help="a model whose limits go"),
+    as_json: bool = typer.Option(False, "--json", help="print the new record as JSON"),
+):
+    """Change a key in place; options left out stay as they are. Every replica applies it within a second."""
+    from .quota.keys import parse_models
+
+    changes = {k: v for k, v in {"name": name, "rpm": rpm, "tpm": tpm, "tokens_per_day": tokens_per_day,
+                                 "tokens_per_month": tokens_per_month, "max_concurrent": max_concurrent,
+                                 "weight": weight}.items() if v is not None}
+    if models is not None:
+        changes["models"] = None if models.strip() in ("", "all") else list(parse_models(models) or ())
+    changes.update(_extra(expires, owner, tag, model_limit, clear_model_limit))
+    if not changes:
+        _fail("nothing to change: give at least one option")
+    try:
+        rec = _run(lambda km: km.edit(key_id, changes, actor=_actor()))
+    except ValueError as exc:
+        _fail(str(exc))
+    if rec is None:
+        _fail(f"no key with id {key_id}", 1)
+    if as_json:
+        typer.echo(json.dumps(rec.public()))
+        return
+    typer.echo(f"Updated key {rec.id} ({rec.name}).")
+
+
+@keys_app.command()
+def audit(
+    key: str = typer.Option(None, "--key", help="one key id; default: all"),
+    limit: int = typer.Option(100, "--limit", min=1),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """The admin actions on keys, newest first: when, who, what (never a secret)."""
+    entries = _run(lambda km: km.audit(key, limit))
+    for e in entries:
+        e["at"] = dt.datetime.fromtimestamp(e["at"], dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    if as_json:
+        typer.echo(json.dumps(entries))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("at", "actor", "action", "key", "detail")
+    for e in entries:
+        table.add_row(e["at"], e["actor"], e["action"], e["key_id"] or "", json.dumps(e["detail"], sort_keys=True))
+    Console().print(table)
+
+
+@keys_app.command()
 def revoke(key_id: str = typer.Argument(..., help="the key id from `fmgate keys list`")):
     """Revoke a key. With Redis, every replica refuses it from the next request on."""
-    rec = _run(lambda km: km.revoke(key_id))
+    rec = _run(lambda km: km.revoke(key_id, actor=_actor()))
     if rec is None:
         typer.echo(f"fmgate: no key with id {key_id}", err=True)
         raise typer.Exit(1)
@@ -116,9 +236,11 @@ def revoke(key_id: str = typer.Argument(..., help="the key id from `fmgate keys 
 @keys_app.command()
 def usage(
     key: str = typer.Option(None, "--key", help="one key id; default: all keys"),
+    model: str = typer.Option(None, "--model", help="one model; default: all"),
     start: str = typer.Option(None, "--start", help="first UTC date, YYYY-MM-DD; default: 30 days ago"),
     end: str = typer.Option(None, "--end", help="last UTC date, YYYY-MM-DD; default: today"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    as_csv: bool = typer.Option(False, "--csv", help="print CSV (the admin API's format=csv)"),
 ):
     """Usage per key, model and UTC day: requests, prompt and completion tokens."""
     from .quota.keys import day_from_str
@@ -129,9 +251,14 @@ def usage(
     except ValueError:
         typer.echo("fmgate: dates look like 2026-11-28", err=True)
         raise typer.Exit(2) from None
-    rows = _run(lambda km: km.usage(key, since, until))
+    rows = _run(lambda km: km.usage(key, since, until, model))
     if as_json:
         typer.echo(json.dumps(rows))
+        return
+    if as_csv:
+        from .api.admin import usage_csv
+
+        typer.echo(usage_csv(rows), nl=False)
         return
     from rich.console import Console
     from rich.table import Column, Table

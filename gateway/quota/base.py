@@ -15,7 +15,7 @@ All checks happen before any charge, so a refusal of one kind never consumes ano
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from gateway.errors import INSUFFICIENT_QUOTA, RATE_LIMIT, APIError
@@ -29,6 +29,8 @@ CONCURRENCY = "concurrency"
 DAY = "tokens_per_day"
 MONTH = "tokens_per_month"
 REVOKED = "revoked"
+EXPIRED = "expired"
+MODEL_NOT_ALLOWED = "model_not_allowed"
 UNAVAILABLE = "backend_unavailable"
 
 
@@ -91,8 +93,14 @@ def fmt_duration(ms: int | float) -> str:
     return sec
 
 
-def refusal(d: Decision, reserve: int) -> APIError:
-    """The 429 for a refused decision, carrying the rate-limit headers and, where waiting helps, Retry-After."""
+def refusal(d: Decision, reserve: int, model: str = "") -> APIError:
+    """The 429 for a refused decision, carrying the rate-limit headers and, where waiting helps, Retry-After.
+    A refusal by the key's limits on one model (status `model_*`) says so and names the model."""
+    if d.status.startswith("model_"):
+        err = refusal(replace(d, status=d.status[len("model_"):]), reserve)
+        err.message = err.message.replace("for this API key", f"for this API key on model '{model}'").replace(
+            "than this API key's limit", f"than this API key's limit on model '{model}'")
+        return err
     headers = d.headers()
     retry_s = max(1, math.ceil(d.retry_ms / 1000)) if d.retry_ms > 0 else 0
     if d.status in (DAY, MONTH):

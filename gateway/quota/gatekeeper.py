@@ -220,6 +220,8 @@ class Gatekeeper:
             raise _auth_error("Incorrect API key provided.")
         if rec.revoked:
             raise _auth_error("This API key has been revoked.")
+        if rec.expired(time.time()):
+            raise _auth_error("This API key has expired.")
         return Principal(key_id=rec.id, name=rec.name, models=rec.models, weight=rec.limits.weight)
 
     async def _record(self, key_id: str) -> KeyRecord | None:
@@ -271,9 +273,12 @@ class Gatekeeper:
         if rec is None or rec.revoked:
             QUOTA_REJECTIONS.labels(base.REVOKED).inc()
             raise _auth_error("This API key has been revoked.")
+        if rec.expired(time.time()):
+            QUOTA_REJECTIONS.labels(base.EXPIRED).inc()
+            raise _auth_error("This API key has expired.")
         lease = secrets.token_hex(8)
         try:
-            d = await self.limiter.admit(rec, lease, reserve)
+            d = await self.limiter.admit(rec, lease, reserve, model_name)
         except Unavailable:
             if not self.fail_open:
                 QUOTA_REJECTIONS.labels(base.UNAVAILABLE).inc()
@@ -282,17 +287,22 @@ class Gatekeeper:
                                headers={"retry-after": "1"}) from None
             REDIS_ERRORS.labels("admitted_without_redis").inc()
             return Grant(self, principal, model_name, reserve, lease, None, "local")
-        if d.status == base.REVOKED:
+        if d.status in (base.REVOKED, base.EXPIRED):
             self.invalidate(rec.id)
-            QUOTA_REJECTIONS.labels(base.REVOKED).inc()
-            raise _auth_error("This API key has been revoked.")
+            QUOTA_REJECTIONS.labels(d.status).inc()
+            raise _auth_error("This API key has been revoked." if d.status == base.REVOKED
+                              else "This API key has expired.")
+        if d.status == base.MODEL_NOT_ALLOWED:  # the allow-list changed after this process cached it
+            self.invalidate(rec.id)
+            self.check_model(replace(principal, models=()), model_name)
         if not d.ok:
             QUOTA_REJECTIONS.labels(d.status).inc()
-            if d.status == base.DAY:
+            kind = d.status.removeprefix("model_")
+            if kind == base.DAY:
                 d = replace(d, retry_ms=(d.day + 1) * 86_400_000 - d.now_ms)
-            elif d.status == base.MONTH:
+            elif kind == base.MONTH:
                 d = replace(d, retry_ms=next_month_start_day(d.day) * 86_400_000 - d.now_ms)
-            raise base.refusal(d, reserve)
+            raise base.refusal(d, reserve, model_name)
         grant = Grant(self, principal, model_name, reserve, lease, d, "redis" if self.redis else "memory")
         self._live.add(grant)
         return grant
@@ -342,24 +352,34 @@ class Gatekeeper:
 
     # Administration (the admin API and the CLI use the same KeyManager).
     async def create_key(self, name: str, limits: KeyLimits | None = None,
-                         models: tuple[str, ...] | None = None) -> tuple[str, KeyRecord]:
-        secret, rec = await self.keys.create(name, limits, models)
+                         models: tuple[str, ...] | None = None, actor: str = "unknown",
+                         **extra) -> tuple[str, KeyRecord]:
+        secret, rec = await self.keys.create(name, limits, models, actor=actor, **extra)
         self._auth_seen = True
         return secret, rec
 
     async def list_keys(self) -> list[KeyRecord]:
         return await self.keys.list()
 
-    async def revoke_key(self, key_id: str) -> KeyRecord | None:
+    async def edit_key(self, key_id: str, changes: dict, actor: str = "unknown") -> KeyRecord | None:
         try:
-            return await self.keys.revoke(key_id)
+            return await self.keys.edit(key_id, changes, actor=actor)
+        finally:
+            self.invalidate(key_id)
+
+    async def revoke_key(self, key_id: str, actor: str = "unknown") -> KeyRecord | None:
+        try:
+            return await self.keys.revoke(key_id, actor=actor)
         finally:
             self.invalidate(key_id)
 
     async def usage(self, key_id: str | None = None, since_day: int | None = None,
-                    until_day: int | None = None) -> list[dict]:
+                    until_day: int | None = None, model: str | None = None) -> list[dict]:
         await self.flush_usage()
-        return await self.keys.usage(key_id, since_day, until_day)
+        return await self.keys.usage(key_id, since_day, until_day, model)
+
+    async def audit(self, key_id: str | None = None, limit: int = 1000) -> list[dict]:
+        return await self.keys.audit(key_id, limit)
 
 
 def _bearer(value: str | None) -> str | None:

@@ -42,14 +42,15 @@ class MemoryLimiter:
         self.clock = clock
         self._states: dict[str, _State] = {}
 
-    def _state(self, key_id: str, now: int) -> _State:
-        st = self._states.get(key_id)
+    def _state(self, key_id: str, now: int, model: str | None = None) -> _State:
+        sid = key_id if model is None else f"{key_id}\x00{model}"
+        st = self._states.get(sid)
         if st is None:
-            st = self._states[key_id] = _State()
+            st = self._states[sid] = _State()
         day = day_number(now / 1000)
         if st.seeded_day is None:
             # Seed budgets from recorded usage: this day, and every day of this month.
-            totals = self.store.token_totals(key_id, day - 31)
+            totals = self.store.token_totals(key_id, day - 31, model)
             month = month_of_day(day)
             st.budget[f"d{day}"] = st.budget.get(f"d{day}", 0) + totals.get(day, 0)
             st.budget[f"m{month}"] = st.budget.get(f"m{month}", 0) + sum(
@@ -80,9 +81,8 @@ class MemoryLimiter:
                 if (k[0] == "d" and int(k[1:]) < day - 2) or (k[0] == "m" and int(k[1:]) < min_month):
                     del st.budget[k]
 
-    def _decision(self, st: _State, rec: KeyRecord, status: str, now: int, day: int, month: int,
+    def _decision(self, st: _State, lim, status: str, now: int, day: int, month: int,
                   retry: int = 0) -> base.Decision:
-        lim = rec.limits
         reset_r = st.requests[-1] + self.window_ms - now if (lim.rpm and st.requests) else 0
         reset_t = st.tokens[-1][0] + self.window_ms - now if (lim.tpm and st.tokens) else 0
         return base.Decision(
@@ -92,29 +92,19 @@ class MemoryLimiter:
             retry_ms=retry,
         )
 
-    async def admit(self, rec: KeyRecord, lease: str, reserve: int) -> base.Decision:
-        return self.admit_now(rec, lease, reserve)
+    async def admit(self, rec: KeyRecord, lease: str, reserve: int, model: str = "") -> base.Decision:
+        return self.admit_now(rec, lease, reserve, model)
 
-    def admit_now(self, rec: KeyRecord, lease: str, reserve: int) -> base.Decision:
-        now = self.clock()
-        day = day_number(now / 1000)
-        month = month_of_day(day)
-        st = self._state(rec.id, now)
-        self._purge(st, now)
-        if rec.revoked:
-            return base.Decision(base.REVOKED, now, day, month)
-        if lease in st.leases:
-            return self._decision(st, rec, base.OK, now, day, month)
-        lim = rec.limits
-        dkey, mkey = f"d{day}", f"m{month}"
+    def _check(self, st: _State, lim, reserve: int, now: int, day: int, month: int) -> tuple[str, int]:
         status, retry = base.OK, 0
-        if lim.tokens_per_day and st.budget.get(dkey, 0) + reserve > lim.tokens_per_day:
+        maxc = getattr(lim, "max_concurrent", 0)
+        if lim.tokens_per_day and st.budget.get(f"d{day}", 0) + reserve > lim.tokens_per_day:
             status = base.DAY
-        elif lim.tokens_per_month and st.budget.get(mkey, 0) + reserve > lim.tokens_per_month:
+        elif lim.tokens_per_month and st.budget.get(f"m{month}", 0) + reserve > lim.tokens_per_month:
             status = base.MONTH
         elif lim.tpm and reserve > lim.tpm:
             status = base.TOO_LARGE
-        elif lim.max_concurrent and len(st.leases) >= lim.max_concurrent:
+        elif maxc and len(st.leases) >= maxc:
             status, retry = base.CONCURRENCY, 1000
         elif lim.rpm and len(st.requests) >= lim.rpm:
             status = base.RPM
@@ -127,40 +117,75 @@ class MemoryLimiter:
                 if freed >= need:
                     retry = t + self.window_ms - now
                     break
-        if status != base.OK:
-            return self._decision(st, rec, status, now, day, month, retry)
+        return status, retry
+
+    def _charge(self, st: _State, lim, lease: str, reserve: int, now: int, day: int, month: int) -> None:
         if lim.rpm:
             st.requests.append(now)
         if lim.tpm:
             st.tokens.append((now, lease))
             st.token_amount[lease] = reserve
             st.token_sum += reserve
-        st.leases[lease] = now + self.ttl_ms
         st.reserved[lease] = now
-        st.budget[dkey] = st.budget.get(dkey, 0) + reserve
-        st.budget[mkey] = st.budget.get(mkey, 0) + reserve
-        return self._decision(st, rec, base.OK, now, day, month)
+        st.budget[f"d{day}"] = st.budget.get(f"d{day}", 0) + reserve
+        st.budget[f"m{month}"] = st.budget.get(f"m{month}", 0) + reserve
+
+    def admit_now(self, rec: KeyRecord, lease: str, reserve: int, model: str = "") -> base.Decision:
+        now = self.clock()
+        day = day_number(now / 1000)
+        month = month_of_day(day)
+        st = self._state(rec.id, now)
+        self._purge(st, now)
+        if rec.revoked:
+            return base.Decision(base.REVOKED, now, day, month)
+        if rec.expired(now / 1000):
+            return base.Decision(base.EXPIRED, now, day, month)
+        if not rec.allows(model):
+            return base.Decision(base.MODEL_NOT_ALLOWED, now, day, month)
+        if lease in st.leases:
+            return self._decision(st, rec.limits, base.OK, now, day, month)
+        lim = rec.limits
+        status, retry = self._check(st, lim, reserve, now, day, month)
+        if status != base.OK:
+            return self._decision(st, lim, status, now, day, month, retry)
+        mlim = rec.model_limits.get(model)
+        if mlim is not None:
+            mst = self._state(rec.id, now, model)
+            self._purge(mst, now)
+            status, retry = self._check(mst, mlim, reserve, now, day, month)
+            if status != base.OK:
+                return self._decision(mst, mlim, "model_" + status, now, day, month, retry)
+            self._charge(mst, mlim, lease, reserve, now, day, month)
+        self._charge(st, lim, lease, reserve, now, day, month)
+        st.leases[lease] = now + self.ttl_ms
+        return self._decision(st, lim, base.OK, now, day, month)
 
     async def settle(self, key_id: str, lease: str, reserve: int, prompt: int, completion: int,
-                     model: str, day: int, month: int) -> None:
+                     model: str, day: int, month: int, cancel: bool = False) -> None:
         """Grant makes settle happen once; in one process there are no retries to deduplicate."""
         now = self.clock()
         st = self._state(key_id, now)
         st.leases.pop(lease, None)
-        used = prompt + completion
-        dkey, mkey = f"d{day}", f"m{month}"
-        if st.reserved.pop(lease, None) is not None:
-            refund = reserve - used
-            if dkey in st.budget:
-                st.budget[dkey] -= refund
-            if mkey in st.budget:
-                st.budget[mkey] -= refund
-            if lease in st.token_amount:
-                st.token_sum += used - st.token_amount[lease]
-                st.token_amount[lease] = used
-        else:
-            st.budget[dkey] = st.budget.get(dkey, 0) + used
-            st.budget[mkey] = st.budget.get(mkey, 0) + used
+        used = 0 if cancel else prompt + completion
+        states = [st]
+        mst = self._states.get(f"{key_id}\x00{model}")
+        if mst is not None:
+            states.append(mst)
+        for s in states:
+            dkey, mkey = f"d{day}", f"m{month}"
+            if s.reserved.pop(lease, None) is not None:
+                refund = reserve - used
+                if dkey in s.budget:
+                    s.budget[dkey] -= refund
+                if mkey in s.budget:
+                    s.budget[mkey] -= refund
+                if lease in s.token_amount:
+                    s.token_sum += used - s.token_amount[lease]
+                    s.token_amount[lease] = used
+            elif s is st:
+                s.budget[dkey] = s.budget.get(dkey, 0) + used
+                s.budget[mkey] = s.budget.get(mkey, 0) + used
+
     async def renew(self, leases: dict[str, list[str]]) -> None:
         now = self.clock()
         for key_id, ids in leases.items():

@@ -30,6 +30,7 @@ from gateway.quota.store import Store, UsageRow
 log = logging.getLogger("fmgate.quota")
 
 _SUFFIXES = ("meta", "rq", "tk", "tka", "cc", "res", "done", "bud", "use")
+_MODEL_SUFFIXES = ("rq", "tk", "tka", "bud")
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 MAX_PENDING_SETTLES = 100_000
 FAIL_FAST_S = 0.25  # after an error, refuse without trying Redis for this long (unless a probe succeeds)
@@ -82,6 +83,7 @@ class RedisLimiter:
         self._renew = self.r.register_script(scripts.RENEW)
         self._replay = self.r.register_script(scripts.REPLAY)
         self._load = self.r.register_script(scripts.LOAD)
+        self._edit = self.r.register_script(scripts.EDIT)
         self._down_until = 0.0
         self._down = False
         self._pending_settles: list[dict] = []
@@ -95,13 +97,18 @@ class RedisLimiter:
         self._replay_lock = asyncio.Lock()
 
     # Layout.
-    def keys(self, key_id: str) -> list[str]:
+    def keys(self, key_id: str, model: str = "") -> list[str]:
+        """The thirteen keys every script gets (scripts.py), all in one Cluster slot."""
         tag = f"{{{self.prefix}:{key_id}}}"
-        return [f"{tag}:{s}" for s in _SUFFIXES]
+        return [f"{tag}:{s}" for s in _SUFFIXES] + [f"{tag}:m:{model}:{s}" for s in _MODEL_SUFFIXES]
 
     @property
     def registry(self) -> str:
         return f"{{{self.prefix}}}:keys"
+
+    @property
+    def audit_key(self) -> str:
+        return f"{{{self.prefix}}}:audit"
 
     # Health.
     def available(self) -> bool:
@@ -212,6 +219,32 @@ class RedisLimiter:
             self._failed("admin", exc)
             raise Unavailable from exc
 
+    async def edit_key(self, rec: KeyRecord) -> bool:
+        """Replace a record's fields atomically, keeping a revocation. False when Redis has no record."""
+        args = [x for kv in rec.to_redis().items() for x in kv]
+        try:
+            return bool(await self._edit(keys=[self.keys(rec.id)[0]], args=args))
+        except _ERRORS as exc:
+            self._failed("admin", exc)
+            raise Unavailable from exc
+
+    async def audit_push(self, entry: str, keep: int) -> None:
+        try:
+            async with self.r.pipeline(transaction=False) as p:
+                p.lpush(self.audit_key, entry)
+                p.ltrim(self.audit_key, 0, keep - 1)
+                await p.execute()
+        except _ERRORS as exc:
+            self._failed("admin", exc)
+            raise Unavailable from exc
+
+    async def audit_read(self, n: int) -> list[str]:
+        try:
+            return await self.r.lrange(self.audit_key, 0, n - 1)
+        except _ERRORS as exc:
+            self._failed("admin", exc)
+            raise Unavailable from exc
+
     async def any_keys(self) -> bool:
         try:
             return bool(await self.r.scard(self.registry))
@@ -232,15 +265,16 @@ class RedisLimiter:
         return [KeyRecord.from_redis(kid, h) for kid, h in zip(ids, metas, strict=True) if h and h.get("hash")]
 
     # Admission.
-    async def admit(self, rec: KeyRecord, lease: str, reserve: int) -> base.Decision:
+    async def admit(self, rec: KeyRecord, lease: str, reserve: int, model: str = "") -> base.Decision:
         if not self.available():
             raise Unavailable
-        args = [lease, reserve, self.window_ms, self.ttl_ms, self.done_keep_ms]
+        args = [lease, reserve, self.window_ms, self.ttl_ms, self.done_keep_ms, model]
+        keys = self.keys(rec.id, model)
         try:
-            res = await self._admit(keys=self.keys(rec.id), args=args)
+            res = await self._admit(keys=keys, args=args)
             if res[0] == "load":
                 await self.load(rec)
-                res = await self._admit(keys=self.keys(rec.id), args=args)
+                res = await self._admit(keys=keys, args=args)
         except Unavailable:
             raise
         except _ERRORS as exc:
@@ -256,9 +290,13 @@ class RedisLimiter:
         )
 
     async def settle(self, key_id: str, lease: str, reserve: int, prompt: int, completion: int,
-                     model: str, day: int, month: int) -> None:
+                     model: str, day: int, month: int, cancel: bool = False) -> None:
+        """Correct the reservation to the real use; idempotent by lease. `cancel`: the request was never
+        served, so undo its reservation entirely (if the admission ran at all)."""
         item = {"key_id": key_id, "lease": lease, "reserve": reserve, "prompt": prompt,
                 "completion": completion, "model": model, "day": day, "month": month}
+        if cancel:
+            item["cancel"] = 1
         if not self.available() or self._pending_settles:
             self._queue_settle(item)  # keep order behind earlier failures
             return
@@ -269,9 +307,9 @@ class RedisLimiter:
             self._queue_settle(item)
 
     async def _settle_one(self, item: dict) -> None:
-        keys = self.keys(item["key_id"])
+        keys = self.keys(item["key_id"], item["model"])
         args = [item["lease"], item["reserve"], item["prompt"], item["completion"], item["day"],
-                item["month"], item["model"], self.window_ms, self.done_keep_ms]
+                item["month"], item["model"], self.window_ms, self.done_keep_ms, item.get("cancel", 0)]
         res = await self._settle(keys=keys, args=args)
         if res == "load":
             rec = await asyncio.to_thread(self.store.get_key, item["key_id"])
@@ -288,6 +326,8 @@ class RedisLimiter:
         self._pending_settles.append(item)
 
     def _charge_local_item(self, item: dict) -> None:
+        if item.get("cancel"):
+            return  # nothing was served
         self.charge_local(item["key_id"], item["model"], item["day"], item["prompt"], item["completion"],
                           ts_ms=None)
 
@@ -382,6 +422,8 @@ class RedisLimiter:
         for kid, h in zip(key_ids, hashes, strict=True):
             acc: dict[tuple[int, str], list[int]] = {}
             for f, v in h.items():
+                if f.startswith("_"):
+                    continue
                 day_s, rest = f.split("|", 1)
                 model, kind = rest.rsplit("|", 1)
                 slot = acc.setdefault((int(day_s), model), [0, 0, 0])

@@ -210,13 +210,15 @@ class Store:
         with self._lock:
             return [tuple(r) for r in self._db.execute(sql + " ORDER BY day, key_id, model", args)]
 
-    def token_totals(self, key_id: str, since_day: int) -> dict[int, int]:
+    def token_totals(self, key_id: str, since_day: int, model: str | None = None) -> dict[int, int]:
         """Tokens (prompt + completion) per day since `since_day`, for seeding budget counters."""
+        sql, args = "WHERE key_id=? AND day>=?", [key_id, since_day]
+        if model is not None:
+            sql += " AND model=?"
+            args.append(model)
         with self._lock:
             rows = self._db.execute(
-                "SELECT day, SUM(prompt_tokens + completion_tokens) FROM usage "
-                "WHERE key_id=? AND day>=? GROUP BY day",
-                (key_id, since_day),
+                f"SELECT day, SUM(prompt_tokens + completion_tokens) FROM usage {sql} GROUP BY day", args
             ).fetchall()
         return {int(d): int(t) for d, t in rows}
 

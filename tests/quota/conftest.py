@@ -58,7 +58,9 @@ def bearer(secret: str | None, header: str = "authorization") -> Request:
 
 
 async def new_key(gk: Gatekeeper, name: str = "test", models=None, **limits) -> tuple[str, object]:
-    return await gk.create_key(name, KeyLimits(**limits), tuple(models) if models else None)
+    """Limits by name; record fields beyond limits (expires_at, owner, tags, model_limits) pass through."""
+    extra = {k: limits.pop(k) for k in ("expires_at", "owner", "tags", "model_limits") if k in limits}
+    return await gk.create_key(name, KeyLimits(**limits), tuple(models) if models else None, **extra)
 
 
 @pytest.hookimpl(tryfirst=True)
