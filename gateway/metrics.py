@@ -41,3 +41,9 @@ MODEL_COMPRESS_SECONDS = Gauge(
     "fmgate_model_compress_seconds", "Seconds spent building and evaluating variants", ["model"]
 )
 MODEL_VARIANT = Info("fmgate_model_variant", "The variant each model serves", ["model"])
+MODEL_STATE = Gauge("fmgate_model_state", "1 for each model's current state (unloaded, loading, ready, unloading, "
+                    "failed); the error of a failed one is in GET /admin/models", ["model", "state"])
+MODEL_MEMORY_BYTES = Gauge("fmgate_model_memory_bytes", "Resident memory a loaded model added (measured)", ["model"])
+MODEL_LOAD_FAILURES = Counter("fmgate_model_load_failures_total", "Model loads that failed", ["model"])
+MODEL_UNLOADS = Counter("fmgate_model_unloads_total", "Model unloads by reason (lru, keep_alive, admin)",
+                        ["model", "reason"])

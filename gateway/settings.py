@@ -3,17 +3,42 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 def default_home() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "fmgate"
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_bytes(text: str) -> int:
+    """'4GiB', '512 MB', '1.5g' or a plain number of bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (e.g. 4GiB, 512MB, 1073741824)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def default_memory_budget() -> int:
+    """80% of this machine's RAM (cgroup limit included)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return int(total * 0.8)
 
 
 class ModelConfig(BaseModel):
@@ -27,10 +52,37 @@ class ModelConfig(BaseModel):
     max_num_seqs: int = Field(16, ge=1, le=4096)
     max_batch_tokens: int = Field(512, ge=16)
     max_model_len: int = Field(2048, ge=64, description="context per sequence; longer prompts get 400")
-    max_queued: int = Field(256, ge=1)
+    max_queued_requests: int = Field(256, ge=1, description="chat: waiting requests; beyond that a 429")
     # Embedding batcher knobs.
     max_batch_size: int = Field(64, ge=1)
     max_wait_ms: float = Field(3.0, ge=0)
+    max_queued_inputs: int = Field(8192, ge=1, description="embed: waiting inputs; beyond that a 429")
+    # Residency (models on demand).
+    load: Literal["start", "on_demand"] = Field("start", description="load at start, or at first use")
+    keep_alive: float | None = Field(
+        None, description="seconds it stays loaded after its last use (0: unload at once; negative: forever); "
+        "default: forever for load=start, FMGATE_KEEP_ALIVE for on_demand")
+    required: bool | None = Field(None, description="/readyz waits for it; default: true for load=start")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_max_queued(cls, data: Any) -> Any:
+        # `max_queued` (deprecated) counted requests for chat and 32x that in inputs for embeddings.
+        if isinstance(data, dict) and "max_queued" in data:
+            data = dict(data)
+            old = data.pop("max_queued")
+            data.setdefault("max_queued_requests", old)
+            data.setdefault("max_queued_inputs", int(old) * 32)
+        return data
+
+    @property
+    def max_queued(self) -> int:
+        """Deprecated alias of max_queued_requests."""
+        return self.max_queued_requests
+
+    @property
+    def is_required(self) -> bool:
+        return self.load == "start" if self.required is None else self.required
 
 
 DEFAULT_MODELS = [
@@ -101,6 +153,18 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, YamlSource(settings_cls, init_settings, env_settings))
+    # Models on demand and fair shares.
+    max_loaded_memory: int = Field(default_factory=lambda: default_memory_budget(),
+                                   description="bytes (or '4GiB') of loaded models; LRU idle ones unload first")
+    max_loaded_models: int = Field(0, ge=0, description="0 = no limit")
+    keep_alive: float = Field(300.0, description="default keep_alive (s) of on_demand models")
+    model_load_wait_s: float = Field(120.0, ge=0, description="a request waits this long for its model to load")
+    fairness: Literal["fair", "fcfs"] = Field("fair", description="admission across keys when work queues")
+
+    @field_validator("max_loaded_memory", mode="before")
+    @classmethod
+    def _bytes(cls, v: Any) -> Any:
+        return parse_bytes(v) if isinstance(v, str) else v
 
 
 class YamlSource(PydanticBaseSettingsSource):

@@ -75,14 +75,14 @@ class EmbeddingEngine:
             out.append(full)
         return out
 
-    async def aembed_ids(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+    async def aembed_ids(self, batch: Sequence[Sequence[int]], tenant: str = "", weight: float = 1.0) -> np.ndarray:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[np.ndarray] = loop.create_future()
 
         def done(out, err):
             loop.call_soon_threadsafe(_resolve, fut, out, err)
 
-        job = self.batcher.submit(batch, done)
+        job = self.batcher.submit(batch, done, tenant=tenant, weight=weight)
         try:
             return await fut
         finally:

@@ -1,7 +1,8 @@
 """Dynamic batching for embeddings. Knows nothing of HTTP or asyncio.
 
-Inputs from all requests share one FCFS queue. The batcher thread waits at most `max_wait_ms`
-after the first input for company, takes up to `max_batch_size` inputs, sorts them by length
+Inputs from all requests share one queue, shared fairly between tenants (deficit round robin on
+input tokens, see fair.py; `fairness="fcfs"` for first come, first served). The batcher thread waits
+at most `max_wait_ms` after the first input for company, takes up to `max_batch_size` inputs, sorts them by length
 and cuts them into sub-batches whose padded size stays under `max_batch_tokens`, so short
 inputs are not padded to the longest one in the window.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import metrics
 from ..engines.base import EncoderRunner, Overloaded
+from .fair import FairQueue
 
 log = logging.getLogger("fmgate.scheduler")
 
@@ -33,6 +34,8 @@ class EmbedJob:
     left: int = 0
     cancelled: bool = False
     failed: bool = False
+    tenant: str = ""
+    weight: float = 1.0
     t_submit: float = field(default_factory=time.monotonic)
 
 
@@ -46,6 +49,7 @@ class EmbeddingBatcher:
         max_batch_tokens: int = 16384,
         max_wait_ms: float = 3.0,
         max_queued: int = 8192,
+        fairness: str = "fair",
     ):
         self.runner = runner
         self.name = name
@@ -54,14 +58,15 @@ class EmbeddingBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self.max_queued = max_queued
         self._cv = threading.Condition()
-        self._queue: deque[tuple[EmbedJob, int]] = deque()
+        self._queue: FairQueue[tuple[EmbedJob, int]] = FairQueue(
+            fairness, quantum=256, cost=_input_tokens, key=lambda it: (it[0].tenant, it[0].weight))
         self._stopping = False
         self._rate = 200.0  # inputs per second, moving average, for Retry-After
         self._thread = threading.Thread(target=self._loop, name=f"embed-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, inputs: Sequence[Sequence[int]], done: Done) -> EmbedJob:
-        job = EmbedJob(inputs=[list(x) for x in inputs], done=done, left=len(inputs))
+    def submit(self, inputs: Sequence[Sequence[int]], done: Done, tenant: str = "", weight: float = 1.0) -> EmbedJob:
+        job = EmbedJob(inputs=[list(x) for x in inputs], done=done, left=len(inputs), tenant=tenant, weight=weight)
         job.out = np.empty((len(inputs), self.runner.dim), dtype=np.float32)
         with self._cv:
             if self._stopping:
@@ -71,13 +76,16 @@ class EmbeddingBatcher:
                     f"Too many queued inputs for {self.name}; retry shortly.",
                     retry_after=max(1.0, len(self._queue) / self._rate),
                 )
-            self._queue.extend((job, i) for i in range(len(inputs)))
+            for i in range(len(inputs)):
+                self._queue.push((job, i))
             metrics.QUEUE_DEPTH.labels(self.name).set(len(self._queue))
             self._cv.notify()
         return job
 
     def cancel(self, job: EmbedJob) -> None:
         job.cancelled = True
+        with self._cv:  # free its queue places now
+            self._queue.remove_if(lambda it: it[0] is job)
 
     @property
     def busy(self) -> int:
@@ -104,7 +112,7 @@ class EmbeddingBatcher:
                     self._cv.wait(left)
                 take = []
                 while self._queue and len(take) < self.max_batch_size:
-                    job, i = self._queue.popleft()
+                    job, i = self._queue.pop()
                     if not job.cancelled and not job.failed:
                         take.append((job, i))
                 metrics.QUEUE_DEPTH.labels(self.name).set(len(self._queue))
@@ -145,3 +153,8 @@ class EmbeddingBatcher:
             start = end
         elapsed = max(time.monotonic() - t0, 1e-6)
         self._rate = 0.8 * self._rate + 0.2 * (len(items) / elapsed)
+
+
+def _input_tokens(item: tuple[EmbedJob, int]) -> int:
+    job, i = item
+    return len(job.inputs[i]) or 1
