@@ -166,7 +166,7 @@ class GenerationScheduler:
         self._cancel_pending = False
         self._stopping = False
         self._failed: str | None = None  # why the thread died
-        self._faults = 0  # consecutive failed steps
+        self._faults = 0  # runner faults since the last good decode step
         self._step_seconds = 0.05  # moving average, for Retry-After
         metrics.ENGINE_UP.labels(name).set(1)
         self._thread = threading.Thread(target=self._main, name=f"gen-{name}", daemon=True)
@@ -311,7 +311,8 @@ class GenerationScheduler:
                          f"({seq.params.deadline - seq.t_submit:.1f} s).", "deadline_exceeded")
 
     def _fault(self, what: str, seqs: Sequence[GenSequence]) -> None:
-        """A runner call failed: fail the sequences it ran; a runner that keeps failing is dead."""
+        """A runner call failed: fail the sequences it ran. A runner that fails again and again with no
+        good decode step in between is dead (its state can no longer be trusted)."""
         self._faults += 1
         log.exception("engine %s failed for %s (%d in a row)", what, self.name, self._faults)
         for seq in list(seqs):
@@ -341,7 +342,6 @@ class GenerationScheduler:
             except Exception:
                 self._fault("prefill", [seq])
                 continue
-            self._faults = 0
             seq.prefilled += len(chunk)
             budget -= len(chunk)
             if seq.prefilled == len(seq.prompt):
