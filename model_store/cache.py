@@ -2,7 +2,8 @@
 
 Layout under <home>/models:
     blobs/sha256-<hex>        every file of every artifact, stored once, read-only
-    variants/<key>.json       one built variant: recipe, params, versions, files → digests, figures
+    variants/<key>.json       one built variant: recipe, params, versions, files → digests
+    measures/<key>.json       one measurement of a variant on one machine, by the code that measured it
     selections/<key>.json     one `auto` choice: every candidate's figures and why the winner won
     refs/<id>.json            what a user's source string resolved to (names for the CLI, offline use)
     artifacts/<key>/          the folder an engine loads: hard links to the blobs
@@ -31,7 +32,7 @@ from .errors import StoreError
 
 log = logging.getLogger("fmgate.model_store")
 
-SUBDIRS = ("blobs", "variants", "selections", "refs", "artifacts", "staging", "locks", "tmp", "sources")
+SUBDIRS = ("blobs", "variants", "measures", "selections", "refs", "artifacts", "staging", "locks", "tmp", "sources")
 
 # Files whose content this process has hashed and found right: (device, inode, size, mtime_ns);
 # an artifact's hard link and its blob share the stamp.
@@ -52,6 +53,7 @@ class Cache:
         self.root = root
         self.blobs = root / "blobs"
         self.variants = root / "variants"
+        self.measures = root / "measures"
         self.selections = root / "selections"
         self.refs = root / "refs"
         self.artifacts = root / "artifacts"

@@ -61,6 +61,9 @@ def _quality(q: dict | None) -> str:
 
 def _speed(s: dict | None, task: str) -> str:
     s = s or {}
+    if "spread_pct" in s:  # the interleaved benchmark's median and spread
+        unit = "tok/s" if task == "chat" else "sent/s"
+        return f"{s['score']:.1f} {unit} ±{s['spread_pct']}% ({s.get('rounds')} rounds)"
     if task == "chat" and "decode_tok_s_b1" in s:
         return f"{s['decode_tok_s_b1']:.0f} / {s.get('decode_tok_s_b8', 0):.0f} tok/s (b1/b8)"
     if "sent_s_b32" in s:
@@ -76,7 +79,8 @@ def candidates_table(title: str, rows: list[dict], task: str, chosen: str | None
         mark = " [green]✓ chosen[/green]" if r.get("variant") == chosen else ""
         gate = "[green]pass[/green]" if r.get("passes") else "[red]fail[/red]"
         t.add_row(r["variant"] + mark, _mb(r.get("size_bytes")) if r.get("size_bytes") else "-",
-                  _quality(r.get("quality")), _speed(r.get("speed"), task), gate, r.get("reason", ""))
+                  _quality(r.get("quality")), _speed(r.get("speed"), task), gate,
+                  r.get("verdict") or r.get("reason", ""))
     return t
 
 
@@ -103,6 +107,25 @@ def pull(ref: Annotated[str, typer.Argument(help="local folder, .gguf, HF id org
     out.print(f"why: {m['why']}")
 
 
+@models_app.command("bench")
+def bench(name: Annotated[str, typer.Argument(help="model name or source ref (as pulled)")],
+          home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Measure the built variants again on this machine and choose again; nothing is rebuilt."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        entries = _inventory(home).find(name)
+        store = _store(home)
+        arts = [store.load(e.ref, task=e.task, progress=not as_json, remeasure=True) for e in entries]
+    except StoreError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps([a.manifest for a in arts], indent=2, default=str))
+        return
+    for e, art in zip(entries, arts, strict=True):
+        out.print(candidates_table(f"{e.name} ({e.task})", art.manifest.get("candidates", []), e.task, art.variant))
+        out.print(f"why: {art.manifest['why']}")
+
+
 @models_app.command("list")
 def list_models(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Every cached model and variant: size, quality, speed, and which one `auto` chose."""
@@ -112,7 +135,7 @@ def list_models(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         _fail(exc)
     if as_json:
         print(json.dumps([{"name": e.name, "ref": e.ref, "task": e.task, "chosen": e.chosen,
-                           "variants": [{k: v[k] for k in ("variant", "format", "size_bytes", "quality", "speed",
+                           "variants": [{k: v.get(k) for k in ("variant", "format", "size_bytes", "quality", "speed",
                                                             "key")} for v in e.variants]}
                           for e in entries], indent=2, default=str))
         return
@@ -125,8 +148,9 @@ def list_models(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     for e in entries:
         figures = {r["variant"]: r for r in (e.selection or {}).get("candidates", [])}
         for v in e.variants:
-            q = figures.get(v["variant"], {}).get("quality") or v["quality"]
-            t.add_row(e.name, e.task, v["variant"], _mb(v["size_bytes"]), _quality(q), _speed(v["speed"], e.task),
+            row = figures.get(v["variant"], {})
+            q, sp = row.get("quality") or v.get("quality"), row.get("speed") or v.get("speed")
+            t.add_row(e.name, e.task, v["variant"], _mb(v["size_bytes"]), _quality(q), _speed(sp, e.task),
                       "[green]✓[/green]" if v["variant"] == e.chosen else "")
     out.print(t)
 
@@ -149,7 +173,8 @@ def show(name: Annotated[str, typer.Argument(help="model name, source ref, or di
         out.print(f"[bold]{e.name}[/bold] ({e.task})  source: {e.ref}  digest: {e.digest}")
         sel = e.selection
         if sel:
-            out.print(f"hardware class: {sel.get('hardware_class')}  gate: {sel.get('gate')}")
+            out.print(f"hardware class: {sel.get('hardware_class')}  gate: {sel.get('gate')}  "
+                      f"tie margin: {sel.get('tie_margin')}")
             out.print(candidates_table("candidates", sel.get("candidates", []), e.task, e.chosen))
             for na in sel.get("not_applicable", []):
                 out.print(f"  not applicable: {na['variant']}: {na['reason']}")

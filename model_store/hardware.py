@@ -72,10 +72,21 @@ class HardwareProfile:
         parts += [f"cuda-sm{d.compute_capability.replace('.', '')}" for d in self.cuda]
         return "+".join(parts)
 
+    @property
+    def fingerprint(self) -> str:
+        """This machine, as far as speed goes: measurements taken on another one are taken again."""
+        import hashlib
+        import json
+
+        d = {"arch": self.arch, "cpu": self.cpu_model, "cores": self.cores, "isa": sorted(self.isa),
+             "cuda": [[c.name, c.compute_capability] for c in self.cuda]}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["isa_tier"] = self.isa_tier
         d["hardware_class"] = self.hardware_class
+        d["fingerprint"] = self.fingerprint
         return d
 
     @classmethod

@@ -65,6 +65,21 @@ class Inventory:
             raise StoreError(f"no cached model named {name!r} (cached: {known})")
         return hits
 
+    def choice(self, ref: str, task: str) -> dict | None:
+        """What `auto` chose for a source string and why, with every candidate's figures and verdict."""
+        for _, rec in self._jsons(self.cache.refs):
+            if rec.get("task") != task or ref not in (rec.get("ref"), rec.get("name")):
+                continue
+            sel = self.cache.read_json(self.cache.selections / f"{rec.get('selection')}.json") \
+                if rec.get("selection") else None
+            if not sel:
+                return None
+            keep = ("variant", "passes", "verdict", "reason", "quality", "speed", "size_bytes")
+            return {"chosen": sel.get("chosen"), "why": sel.get("why"), "tie_margin": sel.get("tie_margin"),
+                    "gate": sel.get("gate"),
+                    "candidates": [{k: x.get(k) for k in keep if k in x} for x in sel.get("candidates", [])]}
+        return None
+
     def remove(self, name: str, variant: str | None = None) -> int:
         """Drop a model (or one of its variants); returns bytes freed once blobs are collected."""
         for e in self.find(name):

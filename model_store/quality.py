@@ -31,6 +31,13 @@ class EvalSettings:
     encoder_batch: int = 32
     encoder_rounds: int = 5
     threads: int = 0  # 0 = all usable cores
+    # The interleaved benchmark that picks the winner (model_store.bench).
+    bench_top: int = 4  # candidates timed against each other (the best first-pass scores)
+    bench_min_rounds: int = 3
+    bench_max_rounds: int = 15
+    bench_cap_s: float = 60.0  # stop after this long even if the medians have not separated
+    bench_min_trial_s: float = 0.2  # one trial repeats its run until it has lasted this long
+    tie_margin: float = 0.05  # medians closer than this (relative) are a tie: smaller, less lossy wins
 
 
 def calibration_text() -> str:
@@ -210,7 +217,7 @@ def evaluate_encoder(folder: Path, s: EvalSettings, threads: int, reference: np.
     # A sentence's vector must not depend on its batchmates: dynamic activation quantization uses one
     # scale for the whole batch, so its output shifts with whoever else is in the batch.
     alone = np.concatenate([enc.encode([t]) for t in sents[:8]])
-    quality["batch_invariance"] = round(float(np.min(np.sum(alone * emb[:8], axis=1))), 7)
+    quality["batch_invariance"] = round(batch_invariance(alone, emb[:8]), 7)
     batch = (sents * (s.encoder_batch // len(sents) + 1))[:s.encoder_batch]
     enc.encode(batch)  # warm-up
     times = []
@@ -221,6 +228,15 @@ def evaluate_encoder(folder: Path, s: EvalSettings, threads: int, reference: np.
     rate = s.encoder_batch / float(np.median(times))
     return {"quality": quality, "speed": {"sent_s_b32": round(rate, 1), "score": round(rate, 1)},
             "embeddings": emb}
+
+
+def batch_invariance(alone: np.ndarray, batched: np.ndarray) -> float:
+    """The lowest cosine between a sentence's vector embedded alone and the same one inside a batch.
+
+    A real cosine, so it means the same for encoders that do not normalise their output."""
+    a = alone / np.clip(np.linalg.norm(alone, axis=1, keepdims=True), 1e-12, None)
+    b = batched / np.clip(np.linalg.norm(batched, axis=1, keepdims=True), 1e-12, None)
+    return float(np.min(np.sum(a * b, axis=1)))
 
 
 def _geomean(xs: list[float]) -> float:

@@ -184,6 +184,10 @@ def evaluate_encoder_cuda(folder: Path, ctx: EvalContext) -> dict:
         ref = ctx.reference / np.linalg.norm(ctx.reference, axis=1, keepdims=True)
         cos = (emb / np.linalg.norm(emb, axis=1, keepdims=True) * ref).sum(1)
         quality = {"cosine_mean": round(float(cos.mean()), 5), "cosine_min": round(float(cos.min()), 5)}
+    from .quality import batch_invariance
+
+    alone = np.concatenate([runner.encode([x]) for x in ids[:8]])
+    quality["batch_invariance"] = round(batch_invariance(alone, emb[:8]), 7)
     speed: dict = {}
     for b in (ctx.settings.encoder_batch, 256):
         batch = (ids * (b // len(ids) + 1))[:b]

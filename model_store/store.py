@@ -12,7 +12,9 @@ source digest, the recipe and its parameters, library versions and the hardware 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
+import math
 import os
 import shutil
 import time
@@ -22,9 +24,10 @@ from importlib import metadata
 from pathlib import Path
 
 from . import recipes as reg
+from .bench import choose, interleave, open_trial
 from .cache import Cache, os_error
 from .convert import gguf_to_hf
-from .digest import HashCache, sha256_json
+from .digest import HashCache, sha256_file, sha256_json
 from .errors import StoreError
 from .hardware import HardwareProfile, detect
 from .quality import EvalSettings, embed_sentences
@@ -56,6 +59,29 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+MEASURE_FILES = ("quality.py", "bench.py", "data/calibration.txt", "data/sentences.txt")
+_file_digests: dict[str, str] = {}
+
+
+def measure_digest(r: Recipe) -> str:
+    """sha256 of the code and data that produce a recipe's figures: change them and it is measured again."""
+    here = Path(__file__).parent
+    files = [here / f for f in MEASURE_FILES]
+    if r.evaluate is not None:
+        with contextlib.suppress(TypeError, OSError):
+            files.append(Path(inspect.getsourcefile(r.evaluate) or ""))
+    parts = []
+    for f in files:
+        if str(f) not in _file_digests:
+            _file_digests[str(f)] = sha256_file(f) if f.is_file() else "absent"
+        parts.append([f.name, _file_digests[str(f)]])
+    return sha256_json(parts)[:24]
+
+
 @dataclass
 class Gate:
     """How much quality a compressed variant may lose and still be chosen by `auto`."""
@@ -69,22 +95,25 @@ class Gate:
         """(passes, reason, quality with the ratio filled in)."""
         q = dict(quality)
         if task == "chat":
-            if not reference or "perplexity" not in reference or "perplexity" not in q:
+            if not reference or not _finite(reference.get("perplexity")) or not _finite(q.get("perplexity")):
                 return False, "no perplexity to compare", q
             ratio = q["perplexity"] / reference["perplexity"]
             q["perplexity_ratio"] = round(ratio, 4)
             ok = ratio <= self.max_perplexity_ratio
             return ok, (f"perplexity {q['perplexity']:.2f} = {ratio:.3f}x fp32 "
                         f"{'≤' if ok else '>'} {self.max_perplexity_ratio:.2f}x"), q
-        if "cosine_mean" not in q:
+        if not _finite(q.get("cosine_mean")) or (self.min_cosine_min is not None and not _finite(q.get("cosine_min"))):
             return False, "no cosine to compare", q
         ok = q["cosine_mean"] >= self.min_cosine_mean
         why = f"mean cosine {q['cosine_mean']:.4f} {'≥' if ok else '<'} {self.min_cosine_mean}"
         if ok and self.min_cosine_min is not None and q.get("cosine_min", 0) < self.min_cosine_min:
             ok, why = False, f"min cosine {q['cosine_min']:.4f} < {self.min_cosine_min}"
         inv = q.get("batch_invariance")
-        if ok and self.min_batch_invariance is not None and inv is not None and inv < self.min_batch_invariance:
-            ok, why = False, f"output depends on the batch (cosine alone vs batched {inv:.5f})"
+        if ok and self.min_batch_invariance is not None:
+            if not _finite(inv):
+                ok, why = False, "no batch-invariance figure (measured by an older store?)"
+            elif inv < self.min_batch_invariance:
+                ok, why = False, f"output depends on the batch (cosine alone vs batched {inv:.5f})"
         return ok, why, q
 
 
@@ -143,6 +172,7 @@ class ModelStore:
         self.eval = eval_settings or EvalSettings()
         self._hardware = hardware
         self._reporter = Reporter(False)
+        self._ref_emb: dict = {}
 
     # --- public -------------------------------------------------------------------------------
 
@@ -151,8 +181,11 @@ class ModelStore:
         return self._hardware or detect()
 
     def load(self, source: str, task: str = "chat", variant: str = "auto", progress: bool = False,
-             candidates: Sequence[str] | None = None) -> Artifact:
-        """The artifact to serve for `source`: cached, or built, measured and chosen now."""
+             candidates: Sequence[str] | None = None, remeasure: bool = False) -> Artifact:
+        """The artifact to serve for `source`: cached, or built, measured and chosen now.
+
+        remeasure: measure the built variants again and choose again (`fmgate models bench`);
+        nothing is rebuilt unless missing or corrupt."""
         if task not in TASKS:
             raise StoreError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
         variant = (variant or "auto").strip()
@@ -161,7 +194,7 @@ class ModelStore:
             hw = self.hardware
             with Reporter(progress) as self._reporter:
                 if variant == "auto":
-                    return self._auto(src, task, hw, candidates)
+                    return self._auto(src, task, hw, candidates, remeasure)
                 r = reg.get(variant, task)
                 ok, why = r.applies(hw, src)
                 if not ok:
@@ -200,102 +233,196 @@ class ModelStore:
     # --- keys ---------------------------------------------------------------------------------
 
     def variant_key(self, src: Source, r: Recipe, hw: HardwareProfile) -> str:
+        """The built artifact: what produced its files. Measuring it is keyed apart (measure_key)."""
         return sha256_json({"source": src.digest, "recipe": r.name, "task": r.task, "format": r.format,
                             "params": dict(r.params), "versions": versions(),
                             "hardware": hw.hardware_class})[:32]
 
+    def measure_key(self, vkey: str, r: Recipe, hw: HardwareProfile) -> str:
+        """One measurement of one artifact: the code and data that produce the figures, this machine."""
+        return sha256_json({"variant": vkey, "measure": measure_digest(r), "fingerprint": hw.fingerprint,
+                            "eval": self._eval_record(hw)})[:32]
+
     def selection_key(self, src: Source, task: str, hw: HardwareProfile, cands: list[Recipe]) -> str:
         return sha256_json({"source": src.digest, "task": task, "hardware": hw.hardware_class,
-                            "versions": versions(), "gate": asdict(self.gate),
-                            "candidates": [[r.name, dict(r.params)] for r in cands],
-                            "eval": asdict(self.eval) | {"threads": None}})[:32]
+                            "fingerprint": hw.fingerprint, "versions": versions(), "gate": asdict(self.gate),
+                            "candidates": [[r.name, dict(r.params), measure_digest(r)] for r in cands],
+                            "eval": self._eval_record(hw)})[:32]
+
+    def _eval_record(self, hw: HardwareProfile) -> dict:
+        return asdict(self.eval) | {"threads": self._threads(hw)}
 
     # --- auto ---------------------------------------------------------------------------------
 
-    def _auto(self, src: Source, task: str, hw: HardwareProfile, names: Sequence[str] | None) -> Artifact:
+    def _auto(self, src: Source, task: str, hw: HardwareProfile, names: Sequence[str] | None,
+              remeasure: bool = False) -> Artifact:
         cands, skipped = self.candidates(src, task, hw, names)
         skey = self.selection_key(src, task, hw, cands)
         spath = self.cache.selections / f"{skey}.json"
-        sel = self.cache.read_json(spath)
+        sel = None if remeasure else self._trusted(self.cache.read_json(spath), task)
         if sel is None:
             self.cache.require_writable()
             with self.cache.lock(f"sel-{skey}", f"{src.name} ({task})"):
-                sel = self.cache.read_json(spath)  # another process may have finished meanwhile
+                # another process may have finished meanwhile
+                sel = None if remeasure else self._trusted(self.cache.read_json(spath), task)
                 if sel is None:
-                    sel = self._select(src, task, hw, cands, skipped, skey)
+                    sel = self._select(src, task, hw, cands, skipped, skey, remeasure)
                     self.cache.write_json(spath, sel)
         winner = reg.get(sel["chosen"], task)
         vm = self._ensure_variant(src, winner, hw)
         self._record_ref(src, task, sel["chosen"], vm["key"], skey)
         return self._artifact(vm, sel, task)
 
+    def _trusted(self, sel: dict | None, task: str) -> dict | None:
+        """A stored selection, if its winner still passes today's gate on its recorded figures."""
+        if not sel or not sel.get("chosen"):
+            return None
+        rows = {x.get("variant"): x for x in sel.get("candidates", [])}
+        row, ref = rows.get(sel["chosen"]), rows.get(sel.get("reference"))
+        if row is None or ref is None:
+            return None
+        if row is ref:
+            return sel
+        ok, why, _ = self.gate.judge(task, row.get("quality") or {}, ref.get("quality"))
+        if not ok:
+            log.warning("stored choice %s no longer passes the gate (%s); measuring again", sel["chosen"], why)
+            return None
+        return sel
+
     def _select(self, src: Source, task: str, hw: HardwareProfile, cands: list[Recipe],
-                skipped: list[dict], skey: str) -> dict:
+                skipped: list[dict], skey: str, remeasure: bool = False) -> dict:
         t0 = time.perf_counter()
         log.info("%s: building and measuring %d variants (%s)", src.name, len(cands),
                  ", ".join(r.name for r in cands))
         ref = cands[0]
-        ref_m = self._ensure_variant(src, ref, hw)
+        ref_vm = self._ensure_variant(src, ref, hw)
+        ref_fig = self._measure(src, ref, ref_vm, hw, remeasure)
+        if "error" in ref_fig:
+            raise StoreError(ref_fig["error"])
         rows = []
         for r in cands:
-            if r is ref:
-                m = ref_m
-            else:
-                try:
-                    m = self._ensure_variant(src, r, hw)
-                except StoreError as exc:
-                    rows.append({"variant": r.name, "passes": False, "reason": f"build failed: {exc}"})
-                    log.warning("variant %s failed: %s", r.name, exc)
-                    continue
-            ok, why, q = self.gate.judge(task, m["quality"], ref_m["quality"])
+            try:
+                vm = ref_vm if r is ref else self._ensure_variant(src, r, hw)
+            except StoreError as exc:
+                rows.append({"variant": r.name, "passes": False, "reason": f"build failed: {exc}",
+                             "verdict": f"rejected: build failed: {exc}"})
+                log.warning("variant %s failed: %s", r.name, exc)
+                continue
+            fig = ref_fig if r is ref else self._measure(src, r, vm, hw, remeasure)
+            row = {"variant": r.name, "key": vm["key"], "format": vm["format"], "params": vm["params"],
+                   "size_bytes": vm["size_bytes"], "build_s": vm.get("build_s")}
+            if "error" in fig:
+                rows.append(row | {"passes": False, "reason": fig["error"], "verdict": f"rejected: {fig['error']}"})
+                continue
+            ok, why, q = self.gate.judge(task, fig["quality"], ref_fig["quality"])
             if r is ref:
                 ok, why = True, "the fp32 reference"
-            rows.append({"variant": r.name, "key": m["key"], "format": m["format"], "params": m["params"],
-                         "quality": q, "speed": m["speed"], "size_bytes": m["size_bytes"], "passes": ok,
-                         "reason": why, "build_s": m.get("build_s"), "eval_s": m.get("eval_s")})
+            q.pop("tokens", None)
+            rows.append(row | {"quality": q, "speed": dict(fig["speed"]), "passes": ok, "reason": why,
+                               "eval_s": fig.get("eval_s"), "measure_key": fig.get("key")})
         passing = [x for x in rows if x["passes"]]
-        best = max(passing, key=lambda x: x["speed"].get("score", 0.0))
         unit = "tok/s" if task == "chat" else "sentences/s"
-        others = sorted((x for x in passing if x is not best), key=lambda x: -x["speed"].get("score", 0.0))
-        why = (f"{best['variant']}: fastest variant inside the quality gate "
-               f"({best['speed'].get('score')} {unit} score; {best['reason']})")
+        self._bench(passing, task, hw)
+        contenders = [x for x in passing if x.get("contender")]
+        best, tied = choose(contenders, task, self.eval.tie_margin)
+        margin = f"{self.eval.tie_margin:.0%}"
+        for x in rows:
+            x.pop("contender", None)
+            sc = x.get("speed", {}).get("score")
+            if x is best:
+                x["verdict"] = "chosen" + (f": tied (within {margin} or not separated) with {', '.join(t['variant'] for t in tied if t is not best)}"
+                                           "; the smallest, then least lossy, wins" if len(tied) > 1 else
+                                           ": fastest inside the gate")
+            elif not x["passes"]:
+                x.setdefault("verdict", f"rejected: {x['reason']}")
+            elif x in tied:
+                x["verdict"] = (f"lost: tied with {best['variant']} ({sc} vs {best['speed']['score']} {unit}: within "
+                                f"{margin} or not separated); {best['variant']} is smaller or less lossy")
+            elif x in contenders:
+                x["verdict"] = f"lost: slower ({sc} vs {best['speed']['score']} {unit}, beyond the {margin} tie margin)"
+            else:
+                x["verdict"] = (f"lost: not among the {self.eval.bench_top} fastest in the first measurement "
+                                f"({sc} {unit})")
+        spread = best["speed"].get("spread_pct")
+        why = (f"{best['variant']}: {best['verdict']} ({best['speed'].get('score')} {unit}"
+               + (f" ±{spread}%" if spread is not None else "") + f"; {best['reason']})")
+        others = [x for x in rows if x is not best]
         if others:
-            why += "; next: " + ", ".join(f"{x['variant']} {x['speed'].get('score')}" for x in others)
-        failed = [x for x in rows if not x["passes"]]
-        if failed:
-            why += "; rejected: " + "; ".join(f"{x['variant']} ({x['reason']})" for x in failed)
-        for x in failed:
-            log.warning("variant %s fails the quality gate and will not be chosen: %s", x["variant"], x["reason"])
+            why += "; " + "; ".join(f"{x['variant']}: {x['verdict']}" for x in others)
+        for x in rows:
+            if not x["passes"]:
+                log.warning("variant %s fails the quality gate and will not be chosen: %s", x["variant"], x["reason"])
         log.info("%s: chose %s", src.name, why)
         return {"key": skey, "source": src.describe(), "task": task, "chosen": best["variant"], "why": why,
                 "gate": asdict(self.gate), "reference": ref.name, "candidates": rows, "not_applicable": skipped,
-                "hardware_class": hw.hardware_class, "hardware": hw.to_dict(), "versions": versions(),
-                "eval_settings": asdict(self.eval), "speed_score": "geometric mean of decode tok/s at batch 1 and 8"
-                if task == "chat" else "sentences/s at batch 32",
+                "hardware_class": hw.hardware_class, "fingerprint": hw.fingerprint, "hardware": hw.to_dict(),
+                "versions": versions(), "eval_settings": self._eval_record(hw),
+                "measure_digests": {r.name: measure_digest(r) for r in cands},
+                "tie_margin": self.eval.tie_margin,
+                "speed_score": ("median over interleaved rounds of the geometric mean of decode tok/s at batch "
+                                f"{' and '.join(map(str, self.eval.decode_batches))}") if task == "chat"
+                else f"median over interleaved rounds of sentences/s at batch {self.eval.encoder_batch}",
                 "select_s": round(time.perf_counter() - t0, 1), "created_at": time.time()}
+
+    def _bench(self, passing: list[dict], task: str, hw: HardwareProfile) -> None:
+        """Time the best first-pass candidates against each other; their score becomes the median."""
+        top = sorted(passing, key=lambda x: -x["speed"].get("score", 0.0))[:max(1, self.eval.bench_top)]
+        trials = {}
+        for x in top:
+            x["contender"] = True
+            x["speed"]["first_score"] = x["speed"].get("score")
+            if len(top) < 2:
+                continue
+            try:
+                t = open_trial(self.cache.artifacts / x["key"], x["format"], task, self.eval, self._threads(hw))
+            except Exception as exc:  # noqa: BLE001 - keep its first-pass score
+                log.warning("cannot benchmark %s with the serving runner: %s", x["variant"], exc)
+                t = None
+            if t is not None:
+                trials[x["variant"]] = t
+        if len(trials) < 2:
+            return
+        with self._reporter.step(f"benchmark {', '.join(trials)} (interleaved)"):
+            try:
+                res = interleave(trials, self.eval)
+            except (OSError, MemoryError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the serving runner failed: keep the first-pass scores
+                log.warning("interleaved benchmark failed (%s: %s); choosing on first-pass scores",
+                            type(exc).__name__, exc)
+                return
+        for x in top:
+            st = res.get(x["variant"])
+            if st:
+                x["speed"].update(score=st["median"], spread_pct=st["spread_pct"], q25=st["q25"], q75=st["q75"],
+                                  rounds=st["rounds"])
 
     # --- one variant --------------------------------------------------------------------------
 
     def _single(self, src: Source, task: str, hw: HardwareProfile, r: Recipe) -> Artifact:
         ref = reg.reference_for(task)
-        ref_m = self._ensure_variant(src, ref, hw)
-        vm = ref_m if r.name == ref.name else self._ensure_variant(src, r, hw)
-        ok, why, q = self.gate.judge(task, vm["quality"], ref_m["quality"])
+        ref_vm = self._ensure_variant(src, ref, hw)
+        vm = ref_vm if r.name == ref.name else self._ensure_variant(src, r, hw)
+        ref_fig = self._measure(src, ref, ref_vm, hw)
+        fig = ref_fig if r.name == ref.name else self._measure(src, r, vm, hw)
+        for f in (ref_fig, fig):
+            if "error" in f:
+                raise StoreError(f["error"])
+        ok, why, q = self.gate.judge(task, fig["quality"], ref_fig["quality"])
         if r.name == ref.name:
             ok, why = True, "the fp32 reference"
         if not ok:
             log.warning("variant %s was asked for explicitly; it fails the quality gate: %s", r.name, why)
         self._record_ref(src, task, r.name, vm["key"], None)
-        sel = {"chosen": r.name, "why": f"variant {r.name!r} set explicitly (gate: {why})", "override": True,
-               "passes": ok, "candidates": [], "gate": asdict(self.gate), "reference": ref.name}
-        art = self._artifact(vm, sel, task)
         q.pop("tokens", None)
-        art.quality = q
-        art.manifest["quality"] = q
-        return art
+        row = {"variant": r.name, "key": vm["key"], "quality": q, "speed": fig["speed"], "passes": ok,
+               "reason": why, "size_bytes": vm["size_bytes"]}
+        sel = {"chosen": r.name, "why": f"variant {r.name!r} set explicitly (gate: {why})", "override": True,
+               "passes": ok, "candidates": [row], "gate": asdict(self.gate), "reference": ref.name}
+        return self._artifact(vm, sel, task)
 
     def _ensure_variant(self, src: Source, r: Recipe, hw: HardwareProfile) -> dict:
-        """The variant's manifest, with its artifact verified; built (and measured) if missing or corrupt."""
+        """The variant's build manifest, with its artifact verified; built if missing or corrupt."""
         vkey = self.variant_key(src, r, hw)
         vpath = self.cache.variants / f"{vkey}.json"
         m = self.cache.read_json(vpath)
@@ -316,22 +443,60 @@ class ModelStore:
             self.cache.write_json(vpath, m)
             return m
 
+    def _measure(self, src: Source, r: Recipe, vm: dict, hw: HardwareProfile, remeasure: bool = False) -> dict:
+        """Quality and first-pass speed of a built variant on this machine; cached apart from the build.
+
+        A variant that cannot run records {"error": ...}: a verdict. Transient trouble (OSError,
+        MemoryError) is raised instead, so the next load measures again."""
+        mkey = self.measure_key(vm["key"], r, hw)
+        mpath = self.cache.measures / f"{mkey}.json"
+        m = None if remeasure else self.cache.read_json(mpath)
+        if m is not None:
+            return m
+        folder = self.cache.artifacts / vm["key"]
+        reference = None
+        if r.task == "embed" and not r.reference:
+            ref_vm = self._ensure_variant(src, reg.reference_for(r.task), hw)
+            reference = self._reference_embeddings(ref_vm["key"], hw)
+        evaluate = r.evaluate or reg.default_evaluator(r.format, r.task)
+        t0 = time.perf_counter()
+        m = {"key": mkey, "variant_key": vm["key"], "variant": r.name, "measure_digest": measure_digest(r),
+             "fingerprint": hw.fingerprint, "eval": self._eval_record(hw), "measured_on": hw.to_dict()}
+        with self._reporter.step(f"evaluate {r.name} (quality, speed)"):
+            try:
+                figures = evaluate(folder, EvalContext(self.eval, self._threads(hw), hw, reference))
+            except (OSError, MemoryError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a variant that cannot run is a failed candidate
+                log.debug("evaluating %s failed", r.name, exc_info=True)
+                figures = None
+                m["error"] = f"{r.name} for {src.name} was built but does not run: {type(exc).__name__}: {exc}"
+        if figures is not None:
+            m.update(quality=figures["quality"], speed=figures["speed"])
+            log.info("%s %s: quality %s, speed %s", src.name, r.name, figures["quality"], figures["speed"])
+        m.update(eval_s=round(time.perf_counter() - t0, 1), measured_at=time.time())
+        if self.cache.writable():
+            self.cache.write_json(mpath, m)
+        return m
+
+    def _reference_embeddings(self, ref_key: str, hw: HardwareProfile):
+        if self._ref_emb.get(ref_key) is None:
+            self._ref_emb[ref_key] = embed_sentences(self.cache.artifacts / ref_key, self._threads(hw))
+        return self._ref_emb[ref_key]
+
     def _build(self, src: Source, r: Recipe, hw: HardwareProfile, vkey: str) -> dict:
-        reference, ref_dir = None, None
+        ref_dir = None
         if not r.reference:
             ref_m = self._ensure_variant(src, reg.reference_for(r.task), hw)
             ref_dir = self.cache.artifacts / ref_m["key"]
-            if r.task == "embed":
-                reference = embed_sentences(ref_dir, self._threads(hw))
         log.info("building variant %s of %s (%s)", r.name, src.name, src.digest[:19])
         scratch = self.cache.scratch(f"build-{r.name}-")
         out, work = scratch / "out", scratch / "work"
         out.mkdir()
         work.mkdir()
-        step = self._reporter.step
         try:
             ctx = BuildContext(source=src, out=out, work=work, params=dict(r.params), hardware=hw,
-                               hf_dir=lambda: self._hf_dir(src), step=step, reference_dir=ref_dir)
+                               hf_dir=lambda: self._hf_dir(src), step=self._reporter.step, reference_dir=ref_dir)
             t0 = time.perf_counter()
             try:
                 r.build(ctx)
@@ -346,25 +511,14 @@ class ModelStore:
                 raise StoreError(f"building {r.name} for {src.name} failed: {type(exc).__name__}: {exc}") from exc
             build_s = time.perf_counter() - t0
             files = self.cache.ingest(out)
-            folder = self.cache.materialize(vkey, files)
-            t1 = time.perf_counter()
-            evaluate = r.evaluate or reg.default_evaluator(r.format, r.task)
-            with step(f"evaluate {r.name} (quality, speed)"):
-                try:
-                    figures = evaluate(folder, EvalContext(self.eval, self._threads(hw), hw, reference))
-                except Exception as exc:  # noqa: BLE001 - a variant that cannot run is a failed build
-                    shutil.rmtree(folder, ignore_errors=True)
-                    raise StoreError(f"{r.name} for {src.name} was built but does not run: "
-                                     f"{type(exc).__name__}: {exc}") from exc
+            self.cache.materialize(vkey, files)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        log.info("%s %s: quality %s, speed %s", src.name, r.name, figures["quality"], figures["speed"])
         return {"key": vkey, "variant": r.name, "task": r.task, "format": r.format, "params": dict(r.params),
                 "device": r.device, "source": src.describe(), "versions": versions(),
-                "hardware_class": hw.hardware_class, "measured_on": hw.to_dict(), "files": files,
-                "size_bytes": sum(f["size"] for f in files.values()), "quality": figures["quality"],
-                "speed": figures["speed"], "build_s": round(build_s, 1),
-                "eval_s": round(time.perf_counter() - t1, 1), "built_at": time.time()}
+                "hardware_class": hw.hardware_class, "built_on": hw.to_dict(), "files": files,
+                "size_bytes": sum(f["size"] for f in files.values()), "build_s": round(build_s, 1),
+                "built_at": time.time()}
 
     def _hf_dir(self, src: Source) -> Path:
         """The source as a transformers folder. A GGUF is dequantized once into staging/."""
@@ -396,16 +550,16 @@ class ModelStore:
     # --- records ------------------------------------------------------------------------------
 
     def _artifact(self, vm: dict, sel: dict, task: str) -> Artifact:
-        quality = dict(vm["quality"])
+        quality, speed = {}, {}
         for row in sel.get("candidates", []):
-            if row.get("variant") == vm["variant"] and row.get("quality"):
-                quality = dict(row["quality"])
+            if row.get("variant") == vm["variant"]:
+                quality, speed = dict(row.get("quality") or {}), dict(row.get("speed") or {})
         quality.pop("tokens", None)
         manifest = {**vm, "chosen": sel["chosen"], "why": sel["why"], "gate": sel.get("gate"),
                     "reference": sel.get("reference"), "candidates": sel.get("candidates", []),
                     "not_applicable": sel.get("not_applicable", []), "selection_key": sel.get("key"),
                     "override": bool(sel.get("override"))}
-        manifest["quality"] = quality
+        manifest["quality"], manifest["speed"] = quality, speed
         return Artifact(path=self.cache.artifacts / vm["key"], format=vm["format"], variant=vm["variant"],
                         manifest=manifest, quality=quality)
 

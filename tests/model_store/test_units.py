@@ -84,8 +84,8 @@ def test_gate():
     ok, why, q = g.judge("chat", {"perplexity": 25.3}, {"perplexity": 19.2})
     assert not ok and q["perplexity_ratio"] == pytest.approx(1.3177, abs=1e-3) and "> 1.10x" in why
     assert g.judge("chat", {"perplexity": 19.3}, {"perplexity": 19.2})[0]
-    assert g.judge("embed", {"cosine_mean": 0.992, "cosine_min": 0.986}, None)[0]
-    assert not g.judge("embed", {"cosine_mean": 0.961, "cosine_min": 0.913}, None)[0]
+    assert g.judge("embed", {"cosine_mean": 0.992, "cosine_min": 0.986, "batch_invariance": 1.0}, None)[0]
+    assert not g.judge("embed", {"cosine_mean": 0.961, "cosine_min": 0.913, "batch_invariance": 1.0}, None)[0]
     strict = Gate(max_perplexity_ratio=1.001, min_cosine_min=0.99)
     assert not strict.judge("chat", {"perplexity": 19.3}, {"perplexity": 19.2})[0]
     assert not strict.judge("embed", {"cosine_mean": 0.992, "cosine_min": 0.986}, None)[0]
@@ -133,3 +133,56 @@ def test_atomic_json(tmp_path):
     assert not [f for f in p.parent.iterdir() if f.name.endswith(".tmp")]
     p.write_text("{broken")
     assert cache.read_json(p) is None
+
+
+def test_gate_fails_closed():
+    """A figure that is missing, or not a number, fails the gate: an old manifest is not a pass."""
+    g = Gate()
+    ok, why, _ = g.judge("embed", {"cosine_mean": 0.999, "cosine_min": 0.998}, None)
+    assert not ok and "no batch-invariance figure" in why
+    assert not g.judge("embed", {"cosine_mean": 0.999, "batch_invariance": float("nan")}, None)[0]
+    assert not g.judge("embed", {"batch_invariance": 1.0}, None)[0]
+    assert not g.judge("chat", {"perplexity": float("nan")}, {"perplexity": 19.2})[0]
+    assert not g.judge("chat", {"perplexity": 19.2}, {})[0]
+    assert not g.judge("chat", {}, {"perplexity": 19.2})[0]
+    # Only a gate that turns the check off passes without it.
+    assert Gate(min_batch_invariance=None).judge("embed", {"cosine_mean": 0.999}, None)[0]
+
+
+def test_batch_invariance_is_a_cosine():
+    """Vectors that are not normalised: a dot product would say 4.0 or 0.25; the cosine says 1."""
+    import numpy as np
+
+    from model_store.quality import batch_invariance
+
+    a = np.array([[2.0, 0.0], [0.0, 0.5]])
+    assert batch_invariance(a, a * 1.0) == pytest.approx(1.0)
+    assert batch_invariance(a, np.array([[2.0, 0.1], [0.0, 0.5]])) == pytest.approx(2 / np.hypot(2, 0.1))
+
+
+def test_measure_digest_covers_code_and_data(monkeypatch, tmp_path):
+    from model_store import store as store_mod
+
+    r = recipes.get("ort-fp32")
+    d1 = store_mod.measure_digest(r)
+    here = store_mod.Path(store_mod.__file__).parent
+    monkeypatch.setattr(store_mod, "_file_digests", {str(here / "data/sentences.txt"): "changed"})
+    assert store_mod.measure_digest(r) != d1
+    monkeypatch.setattr(store_mod, "_file_digests", {str(here / "quality.py"): "changed"})
+    assert store_mod.measure_digest(r) != d1
+
+
+def test_bench_choose_and_tie_rule():
+    from model_store.bench import choose, separated, stats
+
+    st = stats([100, 102, 98, 101, 99])
+    assert st["median"] == 100 and st["spread_pct"] == pytest.approx(2.0) and st["rounds"] == 5
+    assert separated({"a": stats([120, 121, 119]), "b": stats([100, 101, 99])})
+    assert not separated({"a": stats([103, 110, 96]), "b": stats([100, 108, 95])})
+    big = {"variant": "int8", "size_bytes": 270, "quality": {"perplexity_ratio": 1.002}, "speed": {"score": 235.8}}
+    small = {"variant": "int4", "size_bytes": 121, "quality": {"perplexity_ratio": 1.05}, "speed": {"score": 235.3}}
+    assert choose([big, small], "chat", 0.05)[0] is small  # a tie goes to the smaller one
+    fast = dict(big, speed={"score": 300.0})
+    assert choose([fast, small], "chat", 0.05)[0] is fast  # beyond the margin, speed wins
+    same = dict(small, variant="x", quality={"perplexity_ratio": 1.01})
+    assert choose([small, same], "chat", 0.05)[0] is same  # same size: the less lossy one
