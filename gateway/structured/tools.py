@@ -207,6 +207,20 @@ class ToolCallParser:
             self._sent_args = len(args)
             out.append({"tool_calls": [{"index": len(self.tool_calls) - 1, "function": {"arguments": frag}}]})
 
+    def _close_at(self) -> int:
+        """Index of the "</tool_call>" that ends the call: the first after complete JSON (one inside a
+        string value does not count), or -1."""
+        start = 0
+        while (end := self._buf.find(CLOSE, start)) >= 0:
+            body = self._buf[:end].rstrip()
+            if self._call is not None:
+                if body.endswith("}") and _is_json(body[:-1]):
+                    return end
+            elif _is_json(body):
+                return end
+            start = end + 1
+        return -1
+
     def _step_call(self, out: list[dict]) -> bool:
         if self._call is None and (m := self._HEAD.match(self._buf)):
             try:
@@ -215,7 +229,7 @@ class ToolCallParser:
                 name = m.group(1)
             self._open_call(out, name)
             self._buf = self._buf[m.end():]
-        end = self._buf.find(CLOSE)
+        end = self._close_at()
         if end < 0:
             if self._call is not None:
                 # Hold back a tail that may yet be "}</tool_call>"; the rest is surely argument text.
@@ -227,11 +241,10 @@ class ToolCallParser:
         body, self._buf = self._buf[:end], self._buf[end + len(CLOSE):]
         self._in_call = False
         if self._call is not None:
-            args = body.rstrip()
-            self._send_args(out, args[:-1].rstrip() if args.endswith("}") else args)
+            self._send_args(out, body.rstrip()[:-1].rstrip())
             self._call = None
             return True
-        try:  # not in the expected key order: parse the whole body, or give it back as text
+        try:  # not in the expected key order: the whole body at once, or given back as text
             obj = json.loads(body)
             name, args = obj["name"], obj.get("arguments", obj.get("parameters", {}))
             if not isinstance(name, str):
