@@ -69,6 +69,9 @@ def create_app(settings: Settings | None = None, gatekeeper: Any = None) -> Fast
         from .api import admin_models  # GET /admin/models, load, unload, add (same admin key)
 
         app.include_router(admin_models.router)
+        from .console import router as console_router  # the web console at /console (admin API needed)
+
+        app.include_router(console_router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz():

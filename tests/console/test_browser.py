@@ -1,0 +1,220 @@
+"""The console in a real headless chromium (Debian's package, through Playwright) against a real
+`fmgate serve` with the default models, auth on and an admin key.
+
+The tests share one server and one page, and run in file order: sign in, Models, create a key and
+chat with it, usage on Keys, model output shown as text, Live, phone width. Screenshots go to
+$FMGATE_CONSOLE_SHOTS (docs/console/ to refresh the ones in docs/console.md), else a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import CHAT_MODEL, EMBED_MODEL, need
+
+pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.timeout(600)]
+
+ADMIN = "console-admin-" + "k" * 32
+WAIT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def gateway(start_server, store_home, tmp_path_factory):
+    # A private home (its own key database) whose models/ is the session's shared model cache.
+    home = tmp_path_factory.mktemp("console-home")
+    (store_home / "models").mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to(store_home / "models", target_is_directory=True)
+    srv = start_server(env={"FMGATE_AUTH": "on", "FMGATE_ADMIN_KEY": ADMIN}, home=home)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    path = Path(os.environ.get("FMGATE_CONSOLE_SHOTS") or tmp_path_factory.mktemp("console-shots"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    exe = shutil.which("chromium")
+    need(exe is not None, "Debian's chromium is not installed (apt-get install -y chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        need(False, "playwright is not installed (make install)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class Page:
+    """The one page the tests share, and the browser errors it logged (CSP violations show up here)."""
+
+    def __init__(self, page):
+        self.p = page
+        self.errors: list[str] = []
+        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+        page.on("console", lambda m: m.type == "error" and "Failed to load resource" not in m.text
+                and self.errors.append(m.text))
+
+
+@pytest.fixture(scope="module")
+def ui(browser, gateway):
+    ctx = browser.new_context(base_url=gateway.base_url, viewport={"width": 1280, "height": 900})
+    page = ctx.new_page()
+    page.set_default_timeout(WAIT_MS)
+    try:
+        yield Page(page)
+    finally:
+        ctx.close()
+
+
+@pytest.fixture(scope="module")
+def state() -> dict:
+    return {}
+
+
+def admin_get(gateway, path: str):
+    r = httpx.get(gateway.base_url + path, headers={"authorization": f"Bearer {ADMIN}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_sign_in_then_models_page_shows_variant_and_figures(ui, gateway, shots):
+    from playwright.sync_api import expect
+
+    p = ui.p
+    resp = p.goto("/")  # redirected to /console/
+    assert resp is not None and resp.url.endswith("/console/")
+    assert "script-src 'self'" in resp.headers["content-security-policy"]
+    p.get_by_label("Admin key").fill(ADMIN)
+    p.get_by_role("button", name="Sign in").click()
+    card = p.locator(f'article[data-model="{CHAT_MODEL}"]')
+    expect(card).to_be_visible()
+    served = {m["id"]: m for m in admin_get(gateway, "/console/api/models")["data"]}
+    chat = served[CHAT_MODEL]
+    expect(card).to_contain_text(chat["variant"])
+    for k, v in (chat.get("quality") or {}).items():  # the measured figures, e.g. perplexity
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            expect(card).to_contain_text(k.replace("_", " "))
+    if chat.get("candidates"):
+        expect(card.locator("tr.chosen")).to_contain_text(chat["variant"])
+    expect(p.locator(f'article[data-model="{EMBED_MODEL}"]')).to_be_visible()
+    assert p.evaluate("sessionStorage.getItem('fmgate.adminKey')") == ADMIN
+    assert p.context.cookies() == []  # keys are never cookies
+    p.screenshot(path=str(shots / "models.png"), full_page=True)
+
+
+def test_create_key_and_stream_a_chat_answer(ui, gateway, shots, state):
+    from playwright.sync_api import expect
+
+    p = ui.p
+    p.get_by_role("link", name="Keys").click()
+    p.get_by_text("Create a key").click()
+    form = p.locator("#create-form")
+    form.get_by_label("Name").fill("console-test-app")
+    form.get_by_label("Tokens per day").fill("100000")
+    form.get_by_role("button", name="Create").click()
+    secret_el = p.locator("#secret-value")
+    expect(secret_el).not_to_be_empty()
+    secret = secret_el.text_content()
+    keys = admin_get(gateway, "/admin/keys")["data"]
+    state["key_id"] = next(k["id"] for k in keys if k["name"] == "console-test-app")
+    state["secret"] = secret
+    p.get_by_role("button", name="Use in the playground").click()
+
+    expect(p.locator("#pg-model")).to_have_value(CHAT_MODEL)
+    p.get_by_label("Temperature").fill("0")
+    p.get_by_label("Max tokens").fill("24")
+    p.get_by_label("Message").fill("Say hello in one short sentence.")
+    p.get_by_role("button", name="Send").click()
+    answer = p.locator('#transcript li[data-role="assistant"] .text').last
+    expect(p.locator("#pg-stats")).to_contain_text("finish:")
+    assert answer.text_content().strip()
+    curl = p.locator("#snippet-curl").text_content()
+    assert "/v1/chat/completions" in curl and CHAT_MODEL in curl and "$FMGATE_API_KEY" in curl
+    assert secret not in curl and secret not in p.locator("#snippet-python").text_content()
+
+    p.get_by_role("button", name="Compare").click()
+    expect(p.locator("#emb-table td.cosine").first).to_have_text("1.000")
+    p.screenshot(path=str(shots / "playground.png"), full_page=True)
+
+
+def test_usage_of_the_new_key_rises_on_keys_page(ui, state, shots):
+    from playwright.sync_api import expect
+
+    p = ui.p
+    p.get_by_role("link", name="Keys").click()
+    if p.locator("#secret-box").is_visible():
+        p.get_by_role("button", name="Done").click()  # no secret in the screenshot
+    row = p.locator(f'tr[data-key-id="{state["key_id"]}"]')
+    expect(row).to_contain_text("console-test-app")
+    # Usage is recorded just after the answer; the page refreshes itself every few seconds.
+    expect(row.locator(".usage-requests")).not_to_have_text("0", timeout=WAIT_MS)
+    expect(row.locator(".usage-today")).to_contain_text("of 100,000")
+    expect(p.locator("#chart-usage-tokens canvas")).to_be_visible()
+    expect(p.locator("#usage-table tbody tr").first).to_contain_text(CHAT_MODEL)
+    p.screenshot(path=str(shots / "keys.png"), full_page=True)
+
+
+def test_model_output_is_rendered_as_text(ui):
+    """A crafted stream through the real page: markup in the model's words must stay words."""
+    from playwright.sync_api import expect
+
+    p = ui.p
+    evil = ['<script>window.__pwned = 1</script>', '<img src=x onerror="window.__pwned = 2">', ' done']
+    chunks = [{"id": "c", "object": "chat.completion.chunk", "created": 0, "model": CHAT_MODEL,
+               "choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None}]} for t in evil]
+    chunks.append({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": CHAT_MODEL,
+                   "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    p.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"content-type": "text/event-stream"}, body=body))
+    try:
+        p.get_by_role("link", name="Playground").click()
+        p.get_by_label("Message").fill("Echo some HTML.")
+        p.get_by_role("button", name="Send").click()
+        answer = p.locator('#transcript li[data-role="assistant"] .text').last
+        expect(answer).to_contain_text("<script>window.__pwned = 1</script>")
+        expect(answer).to_contain_text("done")
+    finally:
+        p.unroute("**/v1/chat/completions")
+    assert p.locator("#transcript script, #transcript img").count() == 0
+    assert p.evaluate("window.__pwned") is None
+
+
+def test_live_page_charts_the_servers_metrics(ui, shots):
+    from playwright.sync_api import expect
+
+    p = ui.p
+    p.get_by_role("link", name="Live").click()
+    expect(p.locator("#live-now")).to_contain_text("Tokens/s")
+    for chart in ("rate", "queue", "ttft", "tpot", "errors"):
+        expect(p.locator(f"#chart-live-{chart} canvas")).to_be_visible()
+    p.screenshot(path=str(shots / "live.png"), full_page=True)
+
+
+def test_phone_width_and_no_browser_errors(ui, shots):
+    from playwright.sync_api import expect
+
+    p = ui.p
+    p.set_viewport_size({"width": 390, "height": 844})
+    for page in ("models", "keys", "live", "playground"):
+        p.get_by_role("link", name=page.capitalize()).click()
+        expect(p.locator(f"#page-{page}")).to_be_visible()
+        expect(p.locator(f"#page-{page} h1")).to_be_visible()
+        assert p.evaluate("document.documentElement.scrollWidth") <= 392, page  # no sideways scrolling
+    p.screenshot(path=str(shots / "playground-phone.png"), full_page=False)
+    p.set_viewport_size({"width": 1280, "height": 900})
+    assert ui.errors == []

@@ -1,0 +1,83 @@
+"""The console's server side without models: routes, headers, auth, and the live sampler's arithmetic."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from gateway import errors, metrics
+from gateway.console import live
+from gateway.console.router import CSP
+from gateway.console.router import router as console_router
+from gateway.settings import Settings
+
+ADMIN = "console-unit-" + "a" * 24
+
+
+@pytest.fixture
+def client():
+    app = FastAPI()
+    app.state.settings = Settings(admin_key=ADMIN, models=[])
+    app.state.registry = SimpleNamespace(models={})
+    errors.install(app)
+    app.include_router(console_router)
+    with TestClient(app) as c:
+        yield c
+
+
+def test_pages_carry_a_strict_csp_and_redirect_from_root(client):
+    r = client.get("/", follow_redirects=False)
+    assert r.status_code == 307 and r.headers["location"] == "/console/"
+    r = client.get("/console/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert r.headers["content-security-policy"] == CSP
+    assert "script-src 'self'" in CSP and "unsafe-inline" not in CSP
+    assert "<script>" not in r.text and "style=" not in r.text  # nothing inline for the CSP to refuse
+    js = client.get("/console/static/app.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert client.get("/console/static/vendor/uPlot.iife.min.js").status_code == 200
+
+
+def test_only_packaged_files_are_served(client):
+    for name in ("../router.py", "..%2Frouter.py", "nope.js", "vendor/../../live.py"):
+        assert client.get(f"/console/static/{name}").status_code == 404
+
+
+def test_admin_apis_need_the_admin_key(client):
+    assert client.get("/console/api/live").status_code == 401
+    assert client.get("/console/api/live", headers={"authorization": "Bearer wrong"}).status_code == 401
+    r = client.get("/console/api/live", headers={"authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200 and r.json()["object"] == "live"
+    r = client.get("/console/api/models", headers={"authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200 and r.json()["data"] == []
+
+
+def test_quantile_interpolates_inside_buckets():
+    old = [(0.1, 0.0), (0.5, 0.0), (1.0, 0.0), (math.inf, 0.0)]
+    new = [(0.1, 10.0), (0.5, 20.0), (1.0, 20.0), (math.inf, 20.0)]
+    assert live.quantile(0.5, old, new) == pytest.approx(0.1)
+    assert live.quantile(0.75, old, new) == pytest.approx(0.3)
+    assert live.quantile(0.5, new, new) is None  # nothing observed in between
+    only_inf = [(0.1, 0.0), (math.inf, 4.0)]
+    assert live.quantile(0.95, [], only_inf) == pytest.approx(0.1)
+
+
+def test_sampler_turns_counters_into_rates():
+    s = live.Sampler(interval=1.0, history=10.0, window=5.0)
+    s.sample()
+    metrics.COMPLETION_TOKENS.labels("console-test").inc(50)
+    metrics.REQUESTS.labels("/v1/chat/completions", "console-test", "429").inc()
+    metrics.TTFT_SECONDS.labels("console-test").observe(0.2)
+    s.snaps[-1].t -= 2.0  # as if the first snapshot were taken two seconds ago
+    s.sample()
+    p = s.data()["data"][-1]
+    assert p["tokens_per_s"] == pytest.approx(25.0, rel=0.01)
+    assert p["rejected_per_s"] == pytest.approx(0.5, rel=0.01)
+    assert 0.1 <= p["ttft_p50"] <= 0.25
+    for _ in range(20):
+        s.sample()
+    assert len(s.points) == 10  # a ring: the oldest points go
