@@ -166,7 +166,7 @@ def final_distribution(row: np.ndarray, st: SamplingState) -> tuple[np.ndarray |
         p[p < st.min_p * p.max()] = 0
     if p.shape[0] < 4096:
         p = p.astype(np.float64)
-    p /= p.sum(dtype=np.float64)
+    np.multiply(p, p.dtype.type(1.0 / float(p.sum())), out=p)  # float32 pairwise sum: exact enough
     return idx, p
 
 
@@ -209,13 +209,13 @@ def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
         members = np.arange(n)
     else:
         per = n // _GROUP
-        sums = probs[: per * _GROUP].reshape(_GROUP, per).sum(axis=0, dtype=np.float64)
+        sums = probs[: per * _GROUP].reshape(_GROUP, per).sum(axis=0)
         if n > per * _GROUP:  # the tail is one more group
-            sums = np.append(sums, probs[per * _GROUP :].sum(dtype=np.float64))
-        cdf = np.cumsum(sums)
+            sums = np.append(sums, probs[per * _GROUP :].sum())
+        cdf = np.cumsum(sums, dtype=np.float64)
         u *= cdf[-1]
         g = min(int(np.searchsorted(cdf, u, side="right")), sums.shape[0] - 1)
-        u = (u - (cdf[g - 1] if g else 0.0)) / max(sums[g], 1e-300)
+        u = (u - (cdf[g - 1] if g else 0.0)) / max(float(sums[g]), 1e-300)
         members = np.arange(per * _GROUP, n) if g == per else np.arange(g, per * _GROUP, per)
     local = np.cumsum(probs[members], dtype=np.float64)
     pick = members[min(int(np.searchsorted(local, u * local[-1], side="right")), members.shape[0] - 1)]
@@ -244,7 +244,7 @@ def _entry(row: np.ndarray, token: int, k: int, scratch: np.ndarray) -> TokenLog
         return TokenLogprob(int(token), float("-inf"), [])
     np.subtract(row, top, out=scratch)
     np.exp(scratch, out=scratch)
-    lse = float(top) + float(np.log(scratch.sum(dtype=np.float64)))
+    lse = float(top) + float(np.log(float(scratch.sum())))
     return TokenLogprob(int(token), value - lse, [(int(t), float(v - lse)) for t, v in zip(best, values, strict=True)])
 
 

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from gateway.engines.base import SamplingParams, TokenLogprob
-from gateway.engines.sampling import SamplingState, final_distribution, prompt_logprobs, sample_rows
+from gateway.engines.sampling import (
+    SamplingState,
+    apply_bitmask,
+    final_distribution,
+    prompt_logprobs,
+    sample_rows,
+)
+from tests.conftest import need
 
 WIDE = 49152  # SmolLM2's vocabulary
 
@@ -329,6 +336,25 @@ def test_mask_on_the_wide_row_and_tokens_past_its_width():
     allowed[:, 320:] = False
     tokens, _ = sample_rows(logits.copy(), [state(temperature=1.0, seed=1)] * 2, narrow, masked_rows=[0, 1])
     assert tokens[0] == 5 and allowed[1, tokens[1]]
+
+
+def test_apply_bitmask_matches_llguidance_numpy_helper():
+    try:
+        from llguidance.numpy import apply_token_bitmask_inplace
+    except ImportError:
+        apply_token_bitmask_inplace = None
+    need(apply_token_bitmask_inplace is not None, "llguidance is not installed")
+    r = np.random.default_rng(9)
+    for vocab, words in [(WIDE, WIDE // 32), (1000, 32), (1000, 20)]:  # exact, one word spare, narrow
+        logits = r.standard_normal((4, vocab)).astype(np.float32)
+        bitmask = r.integers(-(2**31), 2**31, (4, words), dtype=np.int64).astype(np.int32)
+        bitmask[1] = -1  # all allowed
+        bitmask[2] = 0  # none allowed
+        want = logits.copy()
+        apply_token_bitmask_inplace(want, bitmask)
+        got = logits.copy()
+        apply_bitmask(got, bitmask, range(4))
+        np.testing.assert_array_equal(got, want)
 
 
 def test_mask_with_nothing_allowed_does_not_crash():
