@@ -25,6 +25,7 @@ import psutil
 from . import metrics
 from .engines.embedder import EmbeddingEngine
 from .engines.llm import LLMEngine
+from .scheduler.fair import set_default_policy
 from .settings import ModelConfig, Settings
 
 log = logging.getLogger("fmgate.registry")
@@ -114,6 +115,7 @@ class Registry:
         self._lock: asyncio.Lock | None = None
         self._reaper: asyncio.Task | None = None
         self.started = False  # the models marked load=start have each loaded or failed
+        set_default_policy(settings.fairness)  # admission across keys in every engine's queue
         for slot in self.slots.values():
             self._publish(slot)
 

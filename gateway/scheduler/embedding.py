@@ -49,7 +49,7 @@ class EmbeddingBatcher:
         max_batch_tokens: int = 16384,
         max_wait_ms: float = 3.0,
         max_queued: int = 8192,
-        fairness: str = "fair",
+        fairness: str | None = None,
     ):
         self.runner = runner
         self.name = name

@@ -27,9 +27,21 @@ def default_key(item: Any) -> tuple[str, float]:
     return getattr(params, "tenant", "") or "", float(getattr(params, "weight", 1.0) or 1.0)
 
 
+_default_policy = "fair"
+
+
+def set_default_policy(policy: str) -> None:
+    """The policy of queues made without one (the process's FMGATE_FAIRNESS; the registry sets it)."""
+    global _default_policy
+    if policy not in ("fair", "fcfs"):
+        raise ValueError(f"unknown fairness policy {policy!r} (fair or fcfs)")
+    _default_policy = policy
+
+
 class FairQueue(Generic[T]):
-    def __init__(self, policy: str = "fair", *, quantum: int = 512,
+    def __init__(self, policy: str | None = None, *, quantum: int = 512,
                  cost: Callable[[T], int] = default_cost, key: Callable[[T], tuple[str, float]] = default_key):
+        policy = policy or _default_policy
         if policy not in ("fair", "fcfs"):
             raise ValueError(f"unknown fairness policy {policy!r} (fair or fcfs)")
         self.policy = policy

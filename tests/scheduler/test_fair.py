@@ -109,3 +109,16 @@ def test_remove_if_iter_peek_and_push_front():
     assert q.remove_if(lambda s: True) and len(q) == 0 and not q
     q.push(seq("C", "c"))
     assert q.pop().tag == "c"
+
+
+def test_default_policy_is_settable():
+    from gateway.scheduler import fair
+
+    try:
+        fair.set_default_policy("fcfs")
+        assert FairQueue().policy == "fcfs"
+    finally:
+        fair.set_default_policy("fair")
+    assert FairQueue().policy == "fair"
+    with pytest.raises(ValueError):
+        fair.set_default_policy("random")
