@@ -62,7 +62,7 @@ def _extra(expires: str | None, owner: str | None, tags: list[str] | None, model
 
 def _run(op: Callable[..., Awaitable[T]]) -> T:
     from .quota.manage import BackendError, KeyManager
-    from .quota.redis import RedisLimiter
+    from .quota.redis import RedisLimiter, close_client
     from .quota.store import Store
 
     try:
@@ -80,7 +80,7 @@ def _run(op: Callable[..., Awaitable[T]]) -> T:
             return await op(KeyManager(store, redis))
         finally:
             if redis is not None:
-                await redis.r.aclose()
+                await close_client(redis.r)
             store.close()
 
     try:

@@ -52,19 +52,65 @@ class Unavailable(Exception):
     """Redis did not answer; the caller applies the fail mode."""
 
 
-def connect(url: str) -> aioredis.Redis:
+def _hosts(netloc: str) -> list[tuple[str, int]]:
+    """'h1:26379,h2' -> [('h1', 26379), ('h2', default)] (credentials before '@' are dropped here)."""
+    out = []
+    for part in netloc.rpartition("@")[2].split(","):
+        host, _, port = part.strip().rpartition(":") if ":" in part else (part.strip(), "", "")
+        out.append((host or "127.0.0.1", int(port) if port else 0))
+    return out
+
+
+def connect(url: str):
+    """A client for `url`, through redis-py's own clients:
+
+    redis://host:port/db, rediss://, unix://          one server
+    redis+sentinel://host:port[,host:port]/service[/db]  Sentinel: the master of `service`, followed on failover
+    redis+cluster://host:port[,host:port]              Cluster: every script's keys share one hash tag (one slot)
+
+    Credentials go in the URL as usual (user:password@); with Sentinel they are the master's.
+    """
     # One immediate retry covers a pooled connection that died with a Redis restart; every script is
     # idempotent (lease ids, batch ids), so a retried call cannot charge twice. No backoff: a down
-    # Redis must fail fast, not stall requests.
+    # Redis must fail fast, not stall requests. Timeouts are not retried: a slow Redis should cost one
+    # timeout, not two.
+    from urllib.parse import unquote, urlsplit
+
+    opts = dict(decode_responses=True, socket_timeout=5.0, socket_connect_timeout=5.0,
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+    u = urlsplit(url)
+    auth = {"username": unquote(u.username) if u.username else None,
+            "password": unquote(u.password) if u.password else None}
+    if u.scheme == "redis+sentinel":
+        from redis.asyncio.sentinel import Sentinel
+
+        parts = [p for p in u.path.split("/") if p]
+        if not parts:
+            raise ValueError("a redis+sentinel:// URL names the service: redis+sentinel://host:26379/mymaster")
+        hosts = [(h, p or 26379) for h, p in _hosts(u.netloc)]
+        sentinel = Sentinel(hosts, sentinel_kwargs={"socket_timeout": 5.0, "socket_connect_timeout": 5.0},
+                            **auth, **opts)
+        client = sentinel.master_for(parts[0], db=int(parts[1]) if len(parts) > 1 else 0)
+        client._fmgate_sentinel = sentinel  # closed with the client (close_client)
+        return client
+    if u.scheme in ("redis+cluster", "rediss+cluster"):
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        nodes = [ClusterNode(h, p or 6379) for h, p in _hosts(u.netloc)]
+        return RedisCluster(startup_nodes=nodes, max_connections=64, ssl=u.scheme.startswith("rediss"),
+                            **auth, **opts)
     # A bounded pool: a burst queues for a connection (backpressure) instead of failing; a dead Redis
-    # still fails fast, through the connect and socket timeouts. Timeouts are not retried: a slow
-    # Redis should cost one timeout, not two.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=64, timeout=30.0, decode_responses=True, socket_timeout=5.0,
-        socket_connect_timeout=5.0, retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        health_check_interval=0,
-    )
+    # still fails fast, through the connect and socket timeouts.
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=30.0,
+                                                    health_check_interval=0, **opts)
     return aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
+
+
+async def close_client(client) -> None:
+    await client.aclose()
+    sentinel = getattr(client, "_fmgate_sentinel", None)
+    for s in getattr(sentinel, "sentinels", ()):
+        await s.aclose()
 
 
 class RedisLimiter:
@@ -404,10 +450,9 @@ class RedisLimiter:
         if not leases or not self.available():
             return
         try:
-            async with self.r.pipeline(transaction=False) as p:
-                for key_id, ids in leases.items():
-                    await self._renew(keys=[self.keys(key_id)[4]], args=[self.ttl_ms, *ids], client=p)
-                await p.execute()
+            # Concurrent calls, not a pipeline: a Cluster pipeline refuses scripts.
+            await asyncio.gather(*(self._renew(keys=[self.keys(key_id)[4]], args=[self.ttl_ms, *ids])
+                                   for key_id, ids in leases.items()))
         except _ERRORS as exc:
             self._failed("renew", exc)
 
@@ -502,4 +547,4 @@ class RedisLimiter:
             await asyncio.to_thread(self.store.save_pending, items)
             log.warning("quota redis unreachable at shutdown: %d charges saved for the next start", len(items))
             self._pending_settles, self._pending_charges, self._frozen = [], {}, []
-        await self.r.aclose()
+        await close_client(self.r)

@@ -168,6 +168,88 @@ class RedisProc:
             self.proc.wait(5)
 
 
+def _wait(check, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception as exc:  # not up yet
+            last = exc
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} not ready in {timeout:.0f}s: {last!r}")
+
+
+def _spawn(args: list[str], workdir: Path, started: list[subprocess.Popen]) -> None:
+    started.append(subprocess.Popen(args, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+
+def _server_args(port: int, workdir: Path, *extra: str) -> list[str]:
+    return [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", str(workdir), *extra]
+
+
+@pytest.fixture(scope="session")
+def sentinel_url(tmp_path_factory) -> str:
+    """A real Sentinel watching a real master: redis+sentinel://127.0.0.1:<port>/fmtest."""
+    need(shutil.which("redis-server") is not None, "redis-server is not installed")
+    import redis
+
+    workdir = tmp_path_factory.mktemp("sentinel")
+    started: list[subprocess.Popen] = []
+    try:
+        master, sport = free_port(), free_port()
+        _spawn(_server_args(master, workdir), workdir, started)
+        _wait(lambda: redis.Redis(port=master, socket_timeout=1).ping(), "sentinel's master")
+        conf = workdir / "sentinel.conf"
+        conf.write_text(f"port {sport}\nbind 127.0.0.1\ndir {workdir}\n"
+                        f"sentinel monitor fmtest 127.0.0.1 {master} 1\n")
+        _spawn([shutil.which("redis-server") or "redis-server", str(conf), "--sentinel"], workdir, started)
+        _wait(lambda: redis.Redis(port=sport, socket_timeout=1).execute_command(
+            "SENTINEL", "get-master-addr-by-name", "fmtest"), "sentinel")
+        yield f"redis+sentinel://127.0.0.1:{sport}/fmtest"
+    finally:
+        for p in started:
+            p.kill()
+            p.wait(10)
+
+
+@pytest.fixture(scope="session")
+def cluster_url(tmp_path_factory) -> str:
+    """A real 3-master Redis Cluster: redis+cluster://127.0.0.1:<port>."""
+    need(shutil.which("redis-server") is not None and shutil.which("redis-cli") is not None,
+         "redis-server / redis-cli are not installed")
+    import redis
+
+    workdir = tmp_path_factory.mktemp("cluster")
+    started: list[subprocess.Popen] = []
+    try:
+        ports = [free_port() for _ in range(3)]
+        for p in ports:
+            _spawn(_server_args(p, workdir, "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                                "--cluster-config-file", f"nodes-{p}.conf", "--cluster-node-timeout", "5000"),
+                   workdir, started)
+        for p in ports:
+            _wait(lambda p=p: redis.Redis(port=p, socket_timeout=1).ping(), f"cluster node {p}")
+        subprocess.run([shutil.which("redis-cli"), "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=120)
+
+        def ok() -> bool:
+            for p in ports:
+                info = redis.Redis(port=p, socket_timeout=1, decode_responses=True).cluster("INFO")
+                if info.get("cluster_state") != "ok":
+                    return False
+            return True
+
+        _wait(ok, "cluster", timeout=120)
+        yield f"redis+cluster://127.0.0.1:{ports[0]}"
+    finally:
+        for p in started:
+            p.kill()
+            p.wait(10)
+
+
 @pytest.fixture
 def redis_proc(tmp_path) -> RedisProc:
     need(shutil.which("redis-server") is not None, "redis-server is not installed")
