@@ -400,9 +400,7 @@ class GenerationScheduler:
         bitmask = None
         broken = set()
         if masked:
-            from ..structured import allocate_bitmask
-
-            bitmask = allocate_bitmask(len(seqs), host.shape[-1])
+            bitmask = _allocate_bitmask(len(seqs), host.shape[-1])
             for i in masked:
                 try:
                     seqs[i].params.constraint.fill_bitmask(bitmask, i)
@@ -502,6 +500,14 @@ def _has_deadline(seq: GenSequence) -> bool:
 
 def _overdue(seq: GenSequence) -> bool:
     return seq.params.deadline is not None and time.monotonic() > seq.params.deadline
+
+
+def _allocate_bitmask(n: int, vocab: int) -> np.ndarray:
+    try:
+        from ..structured import allocate_bitmask
+    except ImportError:  # the same layout: int32 words, bit set = allowed
+        return np.full((n, (vocab + 31) // 32), -1, dtype=np.int32)
+    return allocate_bitmask(n, vocab)
 
 
 def _sample_rows(logits: np.ndarray, states: Sequence[Any], bitmask: np.ndarray | None,
