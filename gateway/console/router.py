@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from pathlib import Path
 
@@ -84,10 +85,13 @@ async def models(request: Request):
     from ..api import models as models_api
 
     card = getattr(models_api, "_card", None)
+    home = request.app.state.settings.home
+    takes_home = card is not None and "home" in inspect.signature(card).parameters  # with the candidates
     data = []
     for m in list(request.app.state.registry.models.values()):
         try:
-            data.append(card(m) if card else {"id": m.name, "task": m.task, "variant": m.variant})
+            data.append(card(m, home) if takes_home else card(m) if card else
+                        {"id": m.name, "task": m.task, "variant": m.variant})
         except Exception:  # a card another module could not build must not hide the others
             log.exception("console: no card for %s", m.name)
             data.append({"id": m.name, "task": m.task, "variant": m.variant, "quality": m.quality})

@@ -167,6 +167,19 @@ def test_usage_of_the_new_key_rises_on_keys_page(ui, state, shots):
     expect(p.locator("#usage-table tbody tr").first).to_contain_text(CHAT_MODEL)
     p.screenshot(path=str(shots / "keys.png"), full_page=True)
 
+    # Edit the key's daily budget (PATCH /admin/keys/{id}), then revoke it (two presses).
+    row.get_by_role("button", name="Edit console-test-app").click()
+    dialog = p.locator("#edit-dialog")
+    dialog.get_by_label("Tokens per day").fill("200000")
+    dialog.get_by_role("button", name="Save").click()
+    expect(dialog).to_be_hidden()
+    expect(row.locator(".usage-today")).to_contain_text("of 200,000")
+    revoke = row.get_by_role("button", name="Revoke console-test-app")
+    revoke.click()
+    expect(revoke).to_have_text("Confirm revoke")
+    revoke.click()
+    expect(row).to_contain_text("revoked")
+
 
 def test_model_output_is_rendered_as_text(ui):
     """A crafted stream through the real page: markup in the model's words must stay words."""

@@ -62,7 +62,9 @@ export function stackedDays(el) {
       }
       const pad = 43200;
       u = mount(el, {
-        series, axes: axes(), legend: { live: false },
+        series, legend: { live: false },
+        axes: [{ ...axes()[0], incrs: [86400, 7 * 86400, 28 * 86400],
+          values: (self, vals) => vals.map((v) => new Date(v * 1000).toISOString().slice(5, 10)) }, axes()[1]],
         scales: { x: { time: true, range: [Math.min(...xs) - pad, Math.max(...xs) + pad] }, y: { range: (self, min, max) => [0, Math.max(1, max * 1.1)] } },
       }, data);
     },

@@ -30,7 +30,10 @@ function modelList(text) {
 function limitsText(k) {
   const parts = LIMITS.filter(([f]) => k[f]).map(([f, unit]) => `${fmt(k[f])} ${unit}`);
   if (k.models) parts.push(`models: ${k.models.join(', ')}`);
+  if (k.weight && k.weight !== 1) parts.push(`weight ${fmt(k.weight, 2)}`);
   if (k.expires_at) parts.push(`expires ${k.expires_at}`);
+  if (k.owner) parts.push(`owner ${k.owner}`);
+  if (k.tags?.length) parts.push(`tags ${k.tags.join(', ')}`);
   return parts.join(' · ') || 'no limits';
 }
 
@@ -131,7 +134,9 @@ function openEdit(k) {
   for (const [n] of LIMITS) f.elements[n].value = k[n] ?? '';
   f.elements.models.value = (k.models || []).join(', ');
   f.elements.expires_at.value = k.expires_at || '';
-  f.elements.metadata.value = k.metadata ? JSON.stringify(k.metadata) : '';
+  f.elements.weight.value = k.weight ?? '';
+  f.elements.owner.value = k.owner || '';
+  f.elements.tags.value = (k.tags || []).join(', ');
   $('#edit-title').textContent = `Edit key ${k.name}`;
   $('#edit-dialog').showModal();
 }
@@ -139,12 +144,9 @@ function openEdit(k) {
 async function saveEdit(ev) {
   ev.preventDefault();
   const f = ev.target;
-  const body = { name: f.elements.name.value.trim() || undefined, ...numbers(f, LIMITS.map(([n]) => n)),
-    models: modelList(f.elements.models.value), expires_at: f.elements.expires_at.value.trim() || null };
-  const meta = f.elements.metadata.value.trim();
-  if (meta) {
-    try { body.metadata = JSON.parse(meta); } catch { window.fmgateNotice('Metadata must be a JSON object.'); return; }
-  }
+  const body = { name: f.elements.name.value.trim() || undefined, ...numbers(f, [...LIMITS.map(([n]) => n), 'weight']),
+    models: modelList(f.elements.models.value), expires_at: f.elements.expires_at.value.trim() || null,
+    owner: f.elements.owner.value.trim() || null, tags: modelList(f.elements.tags.value) || [] };
   try {
     await call(`/admin/keys/${encodeURIComponent(editing.id)}`, { method: 'PATCH', body });
     $('#edit-dialog').close();

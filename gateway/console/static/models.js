@@ -3,11 +3,13 @@
 import { call } from './api.js';
 import { $, bytes, figures, fmt, h } from './dom.js';
 
+const label = (k) => k.replace(/_s(_|$)/, '/s$1').replaceAll('_', ' ');
+
 function flat(obj) {
   if (!obj || typeof obj !== 'object') return obj === undefined || obj === null ? '' : String(obj);
   return Object.entries(obj)
     .filter(([, v]) => v !== null && v !== undefined && typeof v !== 'object')
-    .map(([k, v]) => `${k.replaceAll('_', ' ')} ${typeof v === 'number' ? fmt(v, 4) : v}`)
+    .map(([k, v]) => `${label(k)} ${typeof v === 'number' ? fmt(v, 4) : v}`)
     .join(' · ');
 }
 
@@ -23,6 +25,7 @@ function candidatesTable(m) {
       h('th', { scope: 'row', text: chosen ? `${name} (chosen)` : name }),
       h('td', { class: passes === false ? 'fail' : passes === true ? 'pass' : null,
         text: passes === true ? 'passes' : passes === false ? 'fails' : '—' }),
+      h('td', { text: c.verdict || '' }),
       h('td', { text: flat(c.quality) || '—' }),
       h('td', { text: flat(c.speed) || '—' }),
       h('td', { class: 'num', text: bytes(c.size_bytes ?? c.size) }),
@@ -30,7 +33,7 @@ function candidatesTable(m) {
   }
   return h('div', { class: 'table-wrap' }, h('table', {},
     h('caption', { text: `Candidates measured for ${m.id}` }),
-    h('thead', {}, h('tr', {}, ['Variant', 'Gate', 'Quality', 'Speed', 'Size', 'Reason'].map(
+    h('thead', {}, h('tr', {}, ['Variant', 'Gate', 'Verdict', 'Quality', 'Speed', 'Size', 'Reason'].map(
       (t) => h('th', { scope: 'col', text: t })))),
     tbody));
 }
@@ -48,8 +51,8 @@ function actions(name, status, reload) {
     }
   };
   const loaded = ['ready', 'loaded', 'in_use', 'idle'].includes(status.state);
-  const label = loaded ? 'Unload' : 'Load';
-  const btn = h('button', { type: 'button', class: 'quiet', 'aria-label': `${label} ${name}`, text: label,
+  const verb = loaded ? 'Unload' : 'Load';
+  const btn = h('button', { type: 'button', class: 'quiet', 'aria-label': `${verb} ${name}`, text: verb,
     onclick: () => run(loaded ? 'unload' : 'load', btn) });
   return h('div', { class: 'row' }, btn);
 }
@@ -69,10 +72,11 @@ function card(m, status, reload) {
       ['Dimensions', m.dimensions ? fmt(m.dimensions) : null],
       ['Measured on', typeof hw === 'string' ? hw : hw ? flat(hw) : null],
       ...Object.entries(m.quality || {}).filter(([, v]) => typeof v === 'number')
-        .map(([k, v]) => [k.replaceAll('_', ' '), fmt(v, 4)]),
+        .map(([k, v]) => [label(k), fmt(v, 4)]),
       ['Error', status?.error || null],
     ]),
-    why ? h('p', { class: 'why' }, h('strong', { text: 'Why this variant: ' }), why) : null,
+    why ? h('div', { class: 'why' }, h('strong', { text: 'Why this variant' }),
+      h('ul', {}, String(why).split(/; (?=[\w.-]+: )/).map((part) => h('li', { text: part })))) : null,
     candidatesTable(m),
     actions(m.id, status, reload));
 }
