@@ -378,3 +378,14 @@ def test_prompt_logprobs_match_log_softmax():
         assert [t for t, _ in entry.top] == best.tolist()
         np.testing.assert_allclose([lp for _, lp in entry.top], want[best], atol=1e-5)
     assert prompt_logprobs(logits[:1], next_ids[:1], top=0)[0].top == []
+
+
+def test_read_only_and_half_precision_logits_are_copied_not_refused():
+    logits = np.random.default_rng(10).standard_normal((2, 300)).astype(np.float32)
+    want = np.argmax(logits, axis=-1).tolist()
+    logits.flags.writeable = False
+    states = [state(temperature=0.0, presence_penalty=0.5), state(temperature=0.0, logprobs=1)]
+    assert sample_rows(logits, states)[0] == want
+    assert sample_rows(logits.astype(np.float16), [state(temperature=0.0)] * 2)[0] == want
+    with pytest.raises(ValueError):
+        sample_rows(logits, states[:1])
