@@ -248,7 +248,8 @@ def _entry(row: np.ndarray, token: int, k: int, scratch: np.ndarray) -> TokenLog
     np.subtract(row, top, out=scratch)
     np.exp(scratch, out=scratch)
     lse = float(top) + float(np.log(float(scratch.sum())))
-    return TokenLogprob(int(token), value - lse, [(int(t), float(v - lse)) for t, v in zip(best, values, strict=True)])
+    top_list = [(int(t), float(v - lse)) for t, v in zip(best, values, strict=True)]
+    return TokenLogprob(int(token), value - lse, top_list)
 
 
 def _entry_from(idx: np.ndarray | None, probs: np.ndarray, pick: int, k: int) -> TokenLogprob:

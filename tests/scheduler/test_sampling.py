@@ -317,7 +317,8 @@ def test_mask_applies_to_masked_rows_only_and_matches_reference():
     states = [state(temperature=0.0, logprobs=vocab) for _ in range(3)]
     _, lps = sample_rows(logits.copy(), states, bitmask, masked_rows=[0, 2])
     for i in range(3):
-        _, want = reference(logits[i], SamplingParams(temperature=0.0), allowed=allowed[i] if i != 1 else None)
+        mask = allowed[i] if i != 1 else None
+        _, want = reference(logits[i], SamplingParams(temperature=0.0), allowed=mask)
         np.testing.assert_allclose(np.exp(full_logprobs(lps[i], vocab)), want, atol=1e-6)
 
 
