@@ -160,14 +160,14 @@ def test_nucleus_falls_back_when_the_top_candidates_lack_the_mass():
 @pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=4),
                                 dict(temperature=1.3, top_p=0.7), dict(temperature=1.0, min_p=0.2)])
 def test_draws_follow_the_distribution(kw):
-    """20,000 seeded draws over 8 tokens: frequencies within 0.03 total variation of the reference."""
-    vocab, n = 8, 20000
+    """6,000 seeded draws over 8 tokens: frequencies within 0.04 total variation of the reference."""
+    vocab, n = 8, 6000
     row = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0], dtype=np.float32)
     _, want = reference(row, SamplingParams(**kw))
     states = [state(**kw, seed=s) for s in range(n)]
     tokens, _ = sample_rows(np.tile(row, (n, 1)), states)
     freq = np.bincount(tokens, minlength=vocab) / n
-    assert 0.5 * np.abs(freq - want).sum() < 0.03
+    assert 0.5 * np.abs(freq - want).sum() < 0.04
     assert all(want[t] > 0 for t in set(tokens))
 
 
