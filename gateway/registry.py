@@ -413,9 +413,9 @@ class Registry:
                 max_queued=cfg.max_queued_inputs, fairness=self.settings.fairness,
             )
         elif fmt == "torch":
-            from .engines import torch_cuda  # CUDA code is imported only where a GPU variant was chosen
+            from .engines import torch_loader  # torch (CUDA) code is imported only where a GPU variant was chosen
 
-            engine = torch_cuda.load(path, cfg, threads)
+            engine = torch_loader.load(path, cfg, threads)
         else:
             raise ModelLoadError(f"model {cfg.name}: artifact format {fmt!r} has no engine")
         if (cfg.task == "chat") != isinstance(engine, LLMEngine):

@@ -349,7 +349,7 @@ class GenerationScheduler:
                     self.runner.cache_prefix(seq.id, seq.prompt)
                 self._prefilling.remove(seq)
                 self._running.append(seq)
-                self._sample_and_accept([seq], logits[None])
+                self._sample_and_accept([seq], logits.reshape(1, -1))  # runners give [vocab] or [1, vocab]
 
     def _prompt_logprobs(self, seq: GenSequence, logits: Any, start: int, n: int) -> None:
         """Logprob of each prompt token after the first, from the chunk's logits (row i predicts i + 1)."""

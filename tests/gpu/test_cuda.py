@@ -76,11 +76,11 @@ def test_profile_sees_the_gpu_and_recipe_applies():
 
 
 def test_load_serves_on_cuda(tiny_llama, monkeypatch):
-    from gateway.engines import torch_cuda
+    from gateway.engines import torch_loader
     from gateway.settings import ModelConfig
 
     monkeypatch.delenv("FMGATE_TORCH_DEVICE", raising=False)
-    engine = torch_cuda.load(tiny_llama, ModelConfig(name="t", source=str(tiny_llama), max_model_len=512), 0)
+    engine = torch_loader.load(tiny_llama, ModelConfig(name="t", source=str(tiny_llama), max_model_len=512), 0)
     try:
         assert engine.runner.device.startswith("cuda")
         assert engine.scheduler.max_num_seqs == 256  # default cap: the tiny model's KV fits far more

@@ -1,4 +1,4 @@
-"""torch_cuda.load() end to end on the CPU (FMGATE_TORCH_DEVICE=cpu): scheduler + torch runner."""
+"""torch_loader.load() end to end on the CPU (FMGATE_TORCH_DEVICE=cpu): scheduler + torch runner."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from gateway.engines import torch_cuda
+from gateway.engines import torch_loader
 from gateway.engines.embedder import EmbeddingEngine
 from gateway.engines.llm import LLMEngine
 from gateway.settings import ModelConfig
@@ -22,7 +22,7 @@ def cpu_device(monkeypatch):
 def test_chat_engine_batches_like_alone(cpu_device, tiny_llama):
     cfg = ModelConfig(name="tiny", source=str(tiny_llama), task="chat", max_num_seqs=4, max_model_len=256,
                       max_batch_tokens=16)
-    engine = torch_cuda.load(tiny_llama, cfg, threads=2)
+    engine = torch_loader.load(tiny_llama, cfg, threads=2)
     try:
         assert isinstance(engine, LLMEngine)
         assert engine.scheduler.max_num_seqs == 4
@@ -57,7 +57,7 @@ def test_embed_engine(cpu_device, tiny_bert, tmp_path):
         {"format": "torch", "task": "embed", "dtype": "bfloat16", "pooling": "mean", "normalize": True,
          "dim": 48, "max_length": 128}))
     cfg = ModelConfig(name="enc", source=str(folder), task="embed")
-    engine = torch_cuda.load(folder, cfg, threads=2)
+    engine = torch_loader.load(folder, cfg, threads=2)
     try:
         assert isinstance(engine, EmbeddingEngine)
         assert engine.batcher.max_batch_size == 64  # GPU defaults apply on CUDA only
@@ -75,4 +75,4 @@ def test_no_cuda_is_a_clear_error(monkeypatch, tiny_llama):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(Exception, match="no CUDA device"):
-        torch_cuda.load(tiny_llama, ModelConfig(name="x", source=str(tiny_llama)), 0)
+        torch_loader.load(tiny_llama, ModelConfig(name="x", source=str(tiny_llama)), 0)

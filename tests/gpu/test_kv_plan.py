@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.engines.base import EngineError
-from gateway.engines.torch_cuda import kv_bytes_per_seq, plan_kv
+from gateway.engines.torch_loader import kv_bytes_per_seq, plan_kv
 
 GiB = 1 << 30
 

@@ -1,4 +1,5 @@
-"""The GPU engines: torch runners on a CUDA device, sized from free GPU memory.
+"""Loads a "torch" artifact into an engine: torch runners on a CUDA device, sized from free GPU memory,
+or on the CPU (FMGATE_TORCH_DEVICE=cpu).
 
 The registry imports this module only for artifacts of format "torch" (a CPU box never does). An
 artifact is a folder holding a Hugging Face checkpoint in bf16 or fp16 (config.json, *.safetensors),
