@@ -144,6 +144,7 @@ def test_create_key_and_stream_a_chat_answer(ui, gateway, shots, state):
     assert answer.text_content().strip()
     curl = p.locator("#snippet-curl").text_content()
     assert "/v1/chat/completions" in curl and CHAT_MODEL in curl and "$FMGATE_API_KEY" in curl
+    assert "response_format" not in curl and '"tools"' not in curl  # toggles off: not sent
     assert secret not in curl and secret not in p.locator("#snippet-python").text_content()
 
     p.get_by_role("button", name="Compare").click()
@@ -192,17 +193,26 @@ def test_model_output_is_rendered_as_text(ui):
     chunks.append({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": CHAT_MODEL,
                    "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
     body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
-    p.route("**/v1/chat/completions", lambda route: route.fulfill(
-        status=200, headers={"content-type": "text/event-stream"}, body=body))
+    sent: list[dict] = []
+
+    def fake(route):
+        sent.append(route.request.post_data_json)
+        route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=body)
+
+    p.route("**/v1/chat/completions", fake)
     try:
         p.get_by_role("link", name="Playground").click()
+        p.get_by_label("Structured output (JSON schema)").check()  # sent only when switched on
         p.get_by_label("Message").fill("Echo some HTML.")
         p.get_by_role("button", name="Send").click()
         answer = p.locator('#transcript li[data-role="assistant"] .text').last
         expect(answer).to_contain_text("<script>window.__pwned = 1</script>")
         expect(answer).to_contain_text("done")
+        p.get_by_label("Structured output (JSON schema)").uncheck()
     finally:
         p.unroute("**/v1/chat/completions")
+    assert sent[-1]["response_format"]["type"] == "json_schema" and "tools" not in sent[-1]
+    assert sent[-1]["stream"] is True and sent[-1]["messages"][-1]["content"] == "Echo some HTML."
     assert p.locator("#transcript script, #transcript img").count() == 0
     assert p.evaluate("window.__pwned") is None
 
@@ -227,7 +237,8 @@ def test_phone_width_and_no_browser_errors(ui, shots):
         p.get_by_role("link", name=page.capitalize()).click()
         expect(p.locator(f"#page-{page}")).to_be_visible()
         expect(p.locator(f"#page-{page} h1")).to_be_visible()
-        assert p.evaluate("document.documentElement.scrollWidth") <= 392, page  # no sideways scrolling
+        # No sideways scrolling (charts resize a moment after the viewport does, so wait for it).
+        p.wait_for_function("document.documentElement.scrollWidth <= 392")
     p.screenshot(path=str(shots / "playground-phone.png"), full_page=False)
     p.set_viewport_size({"width": 1280, "height": 900})
     assert ui.errors == []

@@ -5,6 +5,8 @@ import { $, bytes, figures, fmt, h } from './dom.js';
 
 const label = (k) => k.replace(/_s(_|$)/, '/s$1').replaceAll('_', ' ');
 
+const when = (unix) => new Date(unix * 1000).toISOString().replace('T', ' ').slice(0, 19) + ' UTC';
+
 function flat(obj) {
   if (!obj || typeof obj !== 'object') return obj === undefined || obj === null ? '' : String(obj);
   return Object.entries(obj)
@@ -67,6 +69,10 @@ function card(m, status, reload) {
       ['Variant', m.variant || status?.variant],
       ['State', status?.state || 'ready'],
       ['Memory', status?.memory_bytes ? bytes(status.memory_bytes) : null],
+      ['Loads', status?.load ? `${status.load}${status.required ? ', required' : ''}` : null],
+      ['Load took', status?.load_seconds ? `${fmt(status.load_seconds, 1)} s` : null],
+      ['In use', status?.in_use ? fmt(status.in_use) : null],
+      ['Unloads at', status?.expires_at ? when(status.expires_at) : null],
       ['Size', m.size_bytes ? bytes(m.size_bytes) : null],
       ['Context', m.max_model_len ? fmt(m.max_model_len) : null],
       ['Dimensions', m.dimensions ? fmt(m.dimensions) : null],
