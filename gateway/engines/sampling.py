@@ -175,17 +175,42 @@ def final_distribution(row: np.ndarray, st: SamplingState) -> tuple[np.ndarray |
 
 def _nucleus(idx: np.ndarray | None, p: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
     """The smallest set of best tokens whose mass reaches top_p (the best token always stays).
-    Sorts only the best 64 tokens, or 1024, or 8192, the first that hold the mass."""
+    Sorts only the best 64 or 1024 tokens when they hold the mass; else buckets the whole row."""
     total = p.sum(dtype=np.float64)
-    for k in (64, _TOP_CANDIDATES, 8 * _TOP_CANDIDATES, p.shape[0]):
-        cand = _superset(p, k) if k < p.shape[0] else np.arange(p.shape[0])
-        if cand.shape[0] == p.shape[0] or p[cand].sum(dtype=np.float64) >= top_p * total:
-            break
+    target = top_p * total
+    n = p.shape[0]
+    if n <= 4 * _TOP_CANDIDATES:
+        cand = np.arange(n)
+    else:
+        for k in (64, _TOP_CANDIDATES):
+            cand = _superset(p, k)
+            if p[cand].sum(dtype=np.float64) >= target:
+                break
+        else:
+            keep = _nucleus_by_buckets(p, target)
+            return (keep if idx is None else idx[keep]), p[keep]
     order = cand[np.argsort(-p[cand], kind="stable")]
     mass = np.cumsum(p[order], dtype=np.float64)
-    keep = int(np.searchsorted(mass, top_p * total, side="left")) + 1
+    keep = int(np.searchsorted(mass, target, side="left")) + 1
     order = order[: max(1, min(keep, order.shape[0]))]
     return (order if idx is None else idx[order]), p[order]
+
+
+def _nucleus_by_buckets(p: np.ndarray, target: float) -> np.ndarray:
+    """Nucleus of a flat wide row in O(vocab): non-negative float32 bits order like their values, so
+    their top bits are value buckets (1/32 octave); whole buckets are kept from the top down and only
+    the boundary bucket is sorted. Positions, unordered."""
+    p32 = p if p.dtype == np.float32 else p.astype(np.float32)
+    keys = p32.view(np.int32) >> 18
+    mass = np.cumsum(np.bincount(keys, weights=p)[::-1])  # mass of each bucket and those above it
+    j = min(int(np.searchsorted(mass, target, side="left")), mass.shape[0] - 1)
+    edge = mass.shape[0] - 1 - j
+    above = mass[j - 1] if j else 0.0
+    inside = np.flatnonzero(keys == edge)
+    inside = inside[np.argsort(-p[inside], kind="stable")]
+    cut = int(np.searchsorted(above + np.cumsum(p[inside], dtype=np.float64), target, side="left")) + 1
+    keep = np.concatenate([np.flatnonzero(keys > edge), inside[: max(1, min(cut, inside.shape[0]))]])
+    return keep
 
 
 def _superset(values: np.ndarray, k: int) -> np.ndarray:

@@ -157,6 +157,22 @@ def test_nucleus_falls_back_when_the_top_candidates_lack_the_mass():
     assert 0.45 * WIDE < (got > 0).sum() < 0.55 * WIDE
 
 
+@pytest.mark.parametrize("kw", [dict(top_p=0.5), dict(top_p=0.9), dict(top_p=0.99), dict(top_p=0.9, top_k=10000),
+                                dict(top_p=0.7, min_p=0.05, temperature=1.5)])
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_nucleus_of_flat_wide_rows(kw, scale):
+    """Rows whose top_p mass lies beyond the best 1024 tokens take the bucketed path: still exact."""
+    r = np.random.default_rng(int(scale * 10))
+    row = (r.standard_normal(WIDE) * scale).astype(np.float32)
+    params = SamplingParams(**kw)
+    _, want = reference(row, params)
+    idx, probs = final_distribution(row.copy(), SamplingState(params))
+    got = np.zeros(WIDE)
+    got[idx] = probs
+    assert (got > 0).sum() == (want > 0).sum()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-9)
+
+
 @pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=4),
                                 dict(temperature=1.3, top_p=0.7), dict(temperature=1.0, min_p=0.2)])
 def test_draws_follow_the_distribution(kw):
