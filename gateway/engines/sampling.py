@@ -1,9 +1,12 @@
 """Next-token choice on the CPU, per sequence: logit bias, penalties, grammar mask, temperature,
 top-k, top-p, min-p, the draw, and the logprobs of the distribution that was drawn from.
 
-Semantics follow OpenAI (logit_bias, presence/frequency penalties) and vLLM/Hugging Face
-(repetition_penalty over prompt and output tokens, top_k, top_p, min_p, in Hugging Face's order).
-Plain greedy rows (no bias, penalty, mask or logprobs) cost one argmax for the whole batch.
+Semantics follow OpenAI (logit_bias; presence/frequency penalties over the generated tokens) and
+vLLM/Hugging Face (repetition_penalty over prompt and generated tokens; top_k, top_p, min_p, in Hugging
+Face's order). Logprobs are those of the distribution drawn from: after bias, penalties and the grammar
+mask, then for sampled rows after temperature and truncation (truncated tokens never appear in `top`),
+for greedy rows at temperature 1. Plain greedy rows (no bias, penalty, mask or logprobs) cost one
+argmax for the whole batch.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import numpy as np
 
 from .base import SamplingParams, TokenLogprob
 
-# Nucleus sampling sorts at most this many top tokens (then 8x) unless their mass falls short of top_p.
+# Nucleus sampling sorts at most this many top tokens; flatter rows are bucketed instead.
 _TOP_CANDIDATES = 1024
 # Wide rows are cut into this many strided groups to find top candidates and to draw.
 _GROUP = 32
