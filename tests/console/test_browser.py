@@ -180,6 +180,7 @@ def test_usage_of_the_new_key_rises_on_keys_page(ui, state, shots):
     expect(revoke).to_have_text("Confirm revoke")
     revoke.click()
     expect(row).to_contain_text("revoked")
+    expect(p.locator("#audit-table")).to_contain_text("key.revoke")  # the admin audit log
 
 
 def test_model_output_is_rendered_as_text(ui):

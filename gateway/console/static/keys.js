@@ -30,6 +30,10 @@ function modelList(text) {
 function limitsText(k) {
   const parts = LIMITS.filter(([f]) => k[f]).map(([f, unit]) => `${fmt(k[f])} ${unit}`);
   if (k.models) parts.push(`models: ${k.models.join(', ')}`);
+  for (const [m, lim] of Object.entries(k.model_limits || {})) {
+    const each = LIMITS.filter(([f]) => lim?.[f]).map(([f, unit]) => `${fmt(lim[f])} ${unit}`);
+    if (each.length) parts.push(`${m}: ${each.join(', ')}`);
+  }
   if (k.weight && k.weight !== 1) parts.push(`weight ${fmt(k.weight, 2)}`);
   if (k.expires_at) parts.push(`expires ${k.expires_at}`);
   if (k.owner) parts.push(`owner ${k.owner}`);
@@ -118,8 +122,19 @@ function renderKeyChoice(list) {
 
 let lastUsage = [];
 
+function renderAudit(audit) {
+  $('#audit').hidden = !audit;
+  if (!audit) return;
+  $('#audit-table tbody').replaceChildren(...audit.data.map((e) => h('tr', {},
+    h('td', { text: e.at }), h('td', { text: e.action }), h('td', {}, h('code', { text: e.key_id || '' })),
+    h('td', { text: e.actor || '' }),
+    h('td', { text: typeof e.detail === 'string' ? e.detail : JSON.stringify(e.detail ?? {}) }))));
+}
+
 export async function refresh() {
-  const [list, usage] = await Promise.all([call('/admin/keys'), call('/admin/usage')]);
+  const [list, usage, audit] = await Promise.all([call('/admin/keys'), call('/admin/usage'),
+    call('/admin/audit?limit=20').catch(() => null)]); // older servers have no audit log
+  renderAudit(audit);
   current = list.data;
   lastUsage = usage.data;
   renderKeyChoice(current);
