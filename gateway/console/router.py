@@ -31,12 +31,10 @@ _TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".
 # Only files that ship with the package are served; the names are fixed when the module loads.
 FILES = {p.relative_to(STATIC).as_posix(): p for p in STATIC.rglob("*") if p.is_file() and p.suffix in _TYPES}
 
-sampler = Sampler()
-
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI):
-    task = asyncio.create_task(sampler.run())
+    task = asyncio.create_task(_sampler(app).run())
     try:
         yield
     finally:
@@ -72,8 +70,16 @@ async def static(name: str):
     return FileResponse(path, media_type=_TYPES[path.suffix], headers={**HEADERS, "cache-control": "no-cache"})
 
 
+def _sampler(app) -> Sampler:
+    """One per app (tests run several in a process); the lifespan starts its loop."""
+    if getattr(app.state, "console_sampler", None) is None:
+        app.state.console_sampler = Sampler()
+    return app.state.console_sampler
+
+
 @router.get("/console/api/live", dependencies=[Depends(require_admin)])
-async def live():
+async def live(request: Request):
+    sampler = _sampler(request.app)
     if not sampler.points:
         sampler.sample()  # the first call after start: at least the gauges' current values soon
     return JSONResponse(sampler.data(), headers={**HEADERS, "cache-control": "no-store"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -85,3 +86,12 @@ def test_sampler_keeps_a_ring_of_the_last_points():
         s.sample()
     assert len(s.points) == 10 and len(s.snaps) == 6
     assert s.data()["history_s"] == 10.0
+
+
+def test_the_app_lifespan_keeps_sampling(client):
+    deadline = time.monotonic() + 60
+    data: list = []
+    while time.monotonic() < deadline and len(data) < 2:
+        data = client.get("/console/api/live", headers={"authorization": f"Bearer {ADMIN}"}).json()["data"]
+        time.sleep(0.2)
+    assert len(data) >= 2 and data[-1]["t"] > data[0]["t"]
