@@ -38,7 +38,6 @@ from ..engines.base import (
     EngineUnavailable,
     Overloaded,
     SamplingParams,
-    SequenceState,
     TokenLogprob,
 )
 
@@ -77,7 +76,7 @@ class GenSequence:
     prompt: list[int]
     params: SamplingParams
     sink: Sink
-    state: Any  # sampling.SamplingState (or base.SequenceState before it existed)
+    state: sampling.SamplingState
     detok: DecodeStream
     prefilled: int = 0
     output: list[int] = field(default_factory=list)
@@ -123,13 +122,6 @@ def _waiting_queue():
     except ImportError:
         return _Fifo()
     return FairQueue()
-
-
-def _new_state(params: SamplingParams, prompt: Sequence[int]) -> Any:
-    cls = getattr(sampling, "SamplingState", None)
-    if cls is not None:
-        return cls(params, prompt)
-    return SequenceState(params, np.random.default_rng(params.seed))
 
 
 def _plain(p: SamplingParams) -> bool:
@@ -219,7 +211,7 @@ class GenerationScheduler:
         if params.prompt_logprobs is not None and not getattr(self.runner, "prompt_logits", False):
             raise EngineError("Prompt logprobs are not available on this engine.", param="logprobs")
         return GenSequence(
-            id=next(self._ids), prompt=list(prompt), params=params, sink=sink, state=_new_state(params, prompt),
+            id=next(self._ids), prompt=list(prompt), params=params, sink=sink, state=sampling.SamplingState(params, prompt),
             detok=DecodeStream(skip_special_tokens=True),
             prompt_lp=[None] if params.prompt_logprobs is not None else None,
         )
@@ -374,6 +366,10 @@ class GenerationScheduler:
         except Exception:  # find the row at fault: sample one by one
             tokens, lps = [], []
             for i, seq in enumerate(seqs):
+                if seq.done:
+                    tokens.append(None)
+                    lps.append(None)
+                    continue
                 try:
                     t, lp = self._sample([seq], logits[i : i + 1])
                 except Exception as exc:
@@ -400,14 +396,16 @@ class GenerationScheduler:
         bitmask = None
         broken = set()
         if masked:
-            bitmask = _allocate_bitmask(len(seqs), host.shape[-1])
+            from ..structured import allocate_bitmask
+
+            bitmask = allocate_bitmask(len(seqs), host.shape[-1])
             for i in masked:
                 try:
                     seqs[i].params.constraint.fill_bitmask(bitmask, i)
                 except Exception as exc:
                     broken.add(i)
                     self._finish(seqs[i], "error", f"The output grammar failed: {exc}", "grammar_error")
-        tokens, lps = _sample_rows(host, states, bitmask, masked)
+        tokens, lps = sampling.sample_rows(host, states, bitmask, masked)
         return [None if i in broken else t for i, t in enumerate(tokens)], lps
 
     def _accept(self, seq: GenSequence, token: int, lp: TokenLogprob | None) -> None:
@@ -500,21 +498,6 @@ def _has_deadline(seq: GenSequence) -> bool:
 
 def _overdue(seq: GenSequence) -> bool:
     return seq.params.deadline is not None and time.monotonic() > seq.params.deadline
-
-
-def _allocate_bitmask(n: int, vocab: int) -> np.ndarray:
-    try:
-        from ..structured import allocate_bitmask
-    except ImportError:  # the same layout: int32 words, bit set = allowed
-        return np.full((n, (vocab + 31) // 32), -1, dtype=np.int32)
-    return allocate_bitmask(n, vocab)
-
-
-def _sample_rows(logits: np.ndarray, states: Sequence[Any], bitmask: np.ndarray | None,
-                 masked: Sequence[int]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """sampling.sample_rows, by the contract (tokens, logprobs)."""
-    out = sampling.sample_rows(logits, states, bitmask, masked)
-    return out if isinstance(out, tuple) else (out, [None] * len(out))
 
 
 def _find_stop(text: str, stops: Sequence[str], sent: int) -> int | None:

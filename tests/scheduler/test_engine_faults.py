@@ -222,3 +222,33 @@ def test_decode_sizes_the_kv_buffer_for_rows_mid_prefill(chat_artifact):
     runner.prefill(1, [7, 8, 9])  # the rest of the long prompt; its KV was not disturbed
     ref.prefill(1, [*long, 7, 8, 9])
     assert np.array_equal(runner.decode([1, 2], [10, 11]), ref.decode([1, 2], [10, 11]))
+
+
+def test_runner_release_runs_outside_the_lock_that_submit_and_cancel_take(chat_artifact):
+    """Release (and the KV resizing it may do) must not hold up submit/cancel from other threads. While
+    the runner releases a cancelled sequence, another thread tries the scheduler's lock."""
+    free: list[bool] = []
+
+    class Probe(FaultyRunner):
+        def release(self, seq_id):
+            def probe():
+                ok = eng.scheduler._cv.acquire(timeout=10)  # held by the releasing thread: 10 s, then False
+                if ok:
+                    eng.scheduler._cv.release()
+                free.append(ok)
+
+            t = threading.Thread(target=probe)
+            t.start()
+            t.join()
+            return self._runner.release(seq_id)
+
+    eng = make_engine(chat_artifact.path, "release-lock", lambda r: Probe(r))
+    try:
+        q: queue.Queue = queue.Queue()
+        seq = eng.submit(prompt(eng), LONG, q.put)
+        q.get(timeout=60)
+        eng.cancel(seq)
+        assert final(q).finish_reason == "abort"
+        assert free == [True]
+    finally:
+        eng.close()
