@@ -77,7 +77,7 @@ async def one(client: httpx.AsyncClient, key: str, prompt: str, max_tokens: int)
     return ttft, chunks
 
 
-async def measure(base: str, key_a: str, key_b: str, duration: float, streams: int) -> dict:
+async def measure(base: str, key_a: str, key_b: str, duration: float, streams: int, every: float) -> dict:
     limits = httpx.Limits(max_connections=streams + 8)
     async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
         await one(client, key_b, "Hi", 4)  # warm-up
@@ -94,11 +94,11 @@ async def measure(base: str, key_a: str, key_b: str, duration: float, streams: i
         workers = [asyncio.create_task(flood()) for _ in range(streams)]
         await asyncio.sleep(3)  # let A's backlog build
         t_flood = time.monotonic()
-        under = []
-        while time.monotonic() < stop - 2:
-            t = time.monotonic()
-            under.append((await one(client, key_b, "Name a fruit.", 16))[0])
-            await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t)))
+        trickle = []
+        while time.monotonic() < stop - 2:  # open loop: one request every `every` s, whatever the last does
+            trickle.append(asyncio.create_task(one(client, key_b, "Name a fruit.", 16)))
+            await asyncio.sleep(every)
+        under = [ttft for ttft, _ in await asyncio.gather(*trickle)]
         await asyncio.gather(*workers)
         a_rate = a_tokens / (time.monotonic() - t_flood + 3)
     return {"alone": alone, "under": under, "a_tok_s": a_rate}
@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=20, help="seconds of flood per policy")
     ap.add_argument("--streams", type=int, default=32, help="key A's concurrent streams")
     ap.add_argument("--max-num-seqs", type=int, default=8, help="the batch; A's extra streams queue")
+    ap.add_argument("--b-every", type=float, default=2.0, help="seconds between B's requests")
     ap.add_argument("--home", default=os.environ.get("FMGATE_HOME") or str(ROOT / ".fmgate" / "test-home"))
     ap.add_argument("--port", type=int, default=18600)
     args = ap.parse_args()
@@ -125,14 +126,16 @@ def main() -> None:
         try:
             wait_ready(base, proc)
             key_a, key_b = make_key(base, "flood-a"), make_key(base, "trickle-b")
-            results[policy] = asyncio.run(measure(base, key_a, key_b, args.duration, args.streams))
+            results[policy] = asyncio.run(measure(base, key_a, key_b, args.duration, args.streams,
+                                                   args.b_every))
         finally:
             proc.terminate()
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    print(f"\nA: {args.streams} streams x 64 tokens; B: one 16-token request a second; batch {args.max_num_seqs}")
+    print(f"\nA: {args.streams} streams x 64 tokens; B: one 16-token request every {args.b_every:g}s; "
+          f"batch {args.max_num_seqs}")
     print(f"{'policy':8} {'B alone p50':>12} {'B flood p50':>12} {'B flood p95':>12} {'p50 ratio':>10} "
           f"{'B n':>4} {'A tok/s':>8}")
     for policy, r in results.items():

@@ -2,7 +2,8 @@
 
 Each tenant (an API key id; "" = anonymous) has its own FIFO. Tenants take turns; a turn grants
 `quantum * weight` tokens of credit, and an item is admitted when its tenant's credit covers its cost
-(prompt tokens + max_tokens for generation, input tokens for embeddings). So one key with 32 queued
+(prompt tokens + max_tokens for generation, input tokens for embeddings). A small quantum keeps turns
+short, so a newcomer waits for about one item of each busy tenant, not a whole quantum's worth. So one key with 32 queued
 streams cannot hold back another key's first request for more than about one item per turn.
 With policy "fcfs" it is a plain FIFO (for comparison). Not thread-safe: the owner holds its lock.
 """
@@ -39,7 +40,7 @@ def set_default_policy(policy: str) -> None:
 
 
 class FairQueue(Generic[T]):
-    def __init__(self, policy: str | None = None, *, quantum: int = 512,
+    def __init__(self, policy: str | None = None, *, quantum: int = 64,
                  cost: Callable[[T], int] = default_cost, key: Callable[[T], tuple[str, float]] = default_key):
         policy = policy or _default_policy
         if policy not in ("fair", "fcfs"):
