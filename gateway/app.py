@@ -14,6 +14,8 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import errors, logs, metrics
 from .api import chat, common, completions, embeddings, models
@@ -129,6 +131,7 @@ class RequestContext:
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
+                status["done"] = True
                 self._observe(scope, route, status["code"], t0)
 
         async def reject(err: errors.APIError):
@@ -150,14 +153,24 @@ class RequestContext:
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if seen > self.max_body:
-                        raise _BodyTooLarge()
+                        raise _BodyTooLarge(self.max_body)
                 return message
 
             try:
                 await self.app(scope, receive_capped, send_wrapped)
-            except _BodyTooLarge:
-                if not status["started"]:
-                    await reject(_too_large(self.max_body))
+                if not status.get("done"):  # a stream the client left: starlette stops it quietly
+                    self._observe(scope, route, 499, t0)
+            except (errors.ClientDisconnected, ClientDisconnect):
+                # The client hung up: its work is already cancelled and settled. Quiet, but counted.
+                status["code"] = 499
+                self._observe(scope, route, 499, t0)
+            except Exception:
+                log.exception("unhandled error on %s %s", scope.get("method"), path)
+                if status["started"]:
+                    self._observe(scope, route, 500, t0)
+                else:
+                    await reject(errors.APIError(500, "The server had an error while processing your request.",
+                                                 errors.SERVER))
         finally:
             logs.request_id.reset(token)
 
@@ -173,8 +186,13 @@ class RequestContext:
             logging.getLogger("fmgate.access").info("%s %s %d %.1fms", scope.get("method"), route, code, took * 1e3)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from receive() once a (chunked) body passes the cap; an HTTPException so that FastAPI's body
+    parsing passes it on as a 413 instead of wrapping it into a 400."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"The request body exceeds the limit of {limit} bytes.")
+        self.code = "request_too_large"
 
 
 def _too_large(limit: int) -> errors.APIError:

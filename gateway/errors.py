@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,6 +49,10 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+class ClientDisconnected(Exception):
+    """The client hung up before the reply was complete: answered as a quiet, counted 499."""
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, INVALID_REQUEST, code=code, param=param)
 
@@ -59,12 +64,17 @@ def model_not_found(name: str) -> APIError:
     )
 
 
+_UNION_MEMBER = re.compile(r"[\[\]-]|^[A-Z]|^(str|int|float|bool|list|dict|none)$")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "Invalid request.", None
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # With unions pydantic reports one error per member; a bound ("at most 4 items") says more than "not a
+    # string", and the member names ("constrained-str", "NamedToolChoice") are no part of the field path.
+    first = sorted(errors, key=lambda e: str(e.get("type", "")).endswith("_type"))[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _UNION_MEMBER.search(str(p))]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "We could not parse the JSON body of your request.", None
@@ -91,7 +101,8 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         etype = _STATUS_TYPES.get(exc.status_code, INVALID_REQUEST if exc.status_code < 500 else SERVER)
         message = exc.detail if isinstance(exc.detail, str) else "Request failed."
-        return APIError(exc.status_code, message, etype, headers=getattr(exc, "headers", None)).response()
+        return APIError(exc.status_code, message, etype, code=getattr(exc, "code", None),
+                        headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -34,6 +34,9 @@ BATCH_SIZE = Histogram(
 ENGINE_UP = Gauge("fmgate_engine_up", "1 while a model's engine thread is serving, 0 once it stopped or died",
                   ["model"])
 ENGINE_FAILURES = Counter("fmgate_engine_failures_total", "Engine threads that died", ["model"])
+ENGINE_OVERLOADED = Counter(
+    "fmgate_engine_overloaded_total", "Requests refused because a model's queue was full (429)", ["model"]
+)
 QUOTA_REJECTIONS = Counter("fmgate_quota_rejections_total", "Requests refused by quotas", ["reason"])
 REDIS_ERRORS = Counter("fmgate_redis_errors_total", "Errors talking to the quota Redis", ["op"])
 MODEL_LOAD_SECONDS = Gauge("fmgate_model_load_seconds", "Seconds the last load of a model took", ["model"])

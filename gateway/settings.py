@@ -101,6 +101,22 @@ class Limits(BaseModel):
     max_stop: int = 4
     max_embedding_inputs: int = 2048
     max_embedding_input_tokens: int = 512
+    # The request schema publishes the defaults as its bounds (gateway/protocol.py); a setting may lower
+    # a list bound, never raise it past the schema.
+    max_prompts: int = Field(32, description="completions: prompts per request, and prompts x n")
+    max_content_parts: int = 64
+    max_tools: int = 128
+    max_logit_bias: int = 300
+    max_prompt_tokens: int = Field(32768, description="longest token-id prompt or embedding input")
+
+    @model_validator(mode="after")
+    def _tighten_only(self) -> Limits:
+        for name in ("max_messages", "max_n", "max_stop", "max_embedding_inputs", "max_prompts",
+                     "max_content_parts", "max_tools", "max_logit_bias", "max_prompt_tokens"):
+            ceiling = type(self).model_fields[name].default
+            if not 1 <= getattr(self, name) <= ceiling:
+                raise ValueError(f"limits.{name} must be between 1 and {ceiling} (the published request schema)")
+        return self
 
 
 class QualityGate(BaseModel):

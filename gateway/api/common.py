@@ -1,18 +1,22 @@
-"""What every OpenAI route does before and after the engine: auth, model lookup, admission, settling."""
+"""What every OpenAI route does before and after the engine: auth, model lookup, admission, settling,
+error mapping and client disconnects."""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import orjson
 from fastapi import Request
 
 from .. import errors, metrics
-from ..engines.base import EngineError, Overloaded
+from .. import registry as registry_mod
+from ..engines.base import EngineError, EngineUnavailable, Overloaded
 from ..registry import ServedModel
 
 log = logging.getLogger("fmgate.api")
@@ -33,10 +37,11 @@ class Call:
     settled: bool = False
 
     def settle_soon(self, prompt_tokens: int, completion_tokens: int) -> None:
-        """Record usage and refund the reservation; safe from a cancelled task or a finally block."""
+        """Record usage, refund the reservation and release the model; safe from a cancelled task."""
         if self.settled:
             return
         self.settled = True
+        release(self.request, self.model)
         metrics.PROMPT_TOKENS.labels(self.model.name).inc(prompt_tokens)
         metrics.COMPLETION_TOKENS.labels(self.model.name).inc(completion_tokens)
         task = asyncio.get_running_loop().create_task(self.grant.settle(prompt_tokens, completion_tokens))
@@ -54,53 +59,128 @@ async def authenticate(request: Request) -> Any:
     return await request.app.state.gatekeeper.authenticate(request)
 
 
-def resolve(request: Request, principal: Any, name: str, task: str) -> ServedModel:
+async def acquire(request: Request, principal: Any, name: str, task: str) -> ServedModel:
+    """The served model for `name`, loaded and marked in use until `release` (Call.settle_soon does it)."""
     request.state.model = name
-    served = request.app.state.registry.get(name)
-    if served is None:
-        if name in request.app.state.registry.errors:
-            raise errors.APIError(503, f"The model '{name}' failed to load.", errors.UNAVAILABLE,
-                                  code="model_unavailable")
-        if not request.app.state.registry.loaded:
-            raise errors.APIError(503, "Models are still loading; retry shortly.", errors.UNAVAILABLE,
-                                  code="model_loading", headers={"Retry-After": "5"})
-        raise errors.model_not_found(name)
-    request.app.state.gatekeeper.check_model(principal, name)
-    if served.task != task:
-        verb = {"chat": "chat and completions", "embed": "embeddings"}[served.task]
-        raise errors.bad_request(f"The model '{name}' serves {verb} only.", param="model",
-                                 code="model_not_supported")
+    registry = request.app.state.registry
+    try:
+        served = await registry.acquire(name, task=task)
+    except registry_mod.ModelNotFound as exc:
+        raise errors.model_not_found(name) from exc
+    except registry_mod.ModelUnavailable as exc:
+        raise errors.APIError(503, str(exc), errors.UNAVAILABLE, code="model_unavailable",
+                              headers={"Retry-After": retry_after(exc)}) from exc
+    except registry_mod.WrongTask as exc:
+        raise errors.bad_request(str(exc), param="model", code="model_not_supported") from exc
+    try:
+        request.app.state.gatekeeper.check_model(principal, name)
+    except BaseException:
+        registry.release(served)
+        raise
     return served
 
 
+def release(request: Request, served: ServedModel) -> None:
+    request.app.state.registry.release(served)
+
+
 async def admit(request: Request, principal: Any, served: ServedModel, reserve_tokens: int) -> Call:
+    """Quota admission; from here on the Call owns the model's release (the caller releases on a refusal)."""
     grant = await request.app.state.gatekeeper.admit(principal, served.name, reserve_tokens)
     return Call(request, served, principal, grant)
 
 
-def engine_error(exc: EngineError) -> errors.APIError:
-    return errors.bad_request(str(exc), param=exc.param, code=exc.code)
+def retry_after(exc: Exception) -> str:
+    return str(max(1, round(getattr(exc, "retry_after", 5) or 5)))
 
 
-def overloaded(exc: Overloaded) -> errors.APIError:
-    metrics.QUOTA_REJECTIONS.labels("overloaded").inc()
-    return errors.APIError(429, str(exc), errors.RATE_LIMIT, code="server_overloaded",
-                           headers={"Retry-After": str(max(1, round(exc.retry_after)))})
+@contextlib.contextmanager
+def engine_errors(model: str) -> Iterator[None]:
+    """Map the engine's exceptions onto OpenAI errors: 400, 429 + Retry-After, 503 + Retry-After."""
+    try:
+        yield
+    except EngineError as exc:
+        raise errors.bad_request(str(exc), param=exc.param, code=exc.code) from exc
+    except Overloaded as exc:
+        metrics.ENGINE_OVERLOADED.labels(model).inc()
+        raise errors.APIError(429, str(exc), errors.RATE_LIMIT, code="server_overloaded",
+                              headers={"Retry-After": retry_after(exc)}) from exc
+    except EngineUnavailable as exc:
+        raise errors.APIError(503, str(exc), errors.UNAVAILABLE, code="engine_unavailable",
+                              headers={"Retry-After": retry_after(exc)}) from exc
 
 
-async def until_disconnect(request: Request, work: Awaitable[T], on_disconnect: Callable[[], None]) -> T:
-    """Race `work` against the client hanging up; on hang-up run on_disconnect and raise CancelledError."""
+def event_error(ev: Any) -> errors.APIError:
+    """The error an engine event that finished with "error" becomes."""
+    code = ev.error_code
+    message = ev.error or "The engine failed while generating."
+    if code == "deadline_exceeded":
+        return errors.APIError(504, message, errors.SERVER, code=code)
+    if code == "engine_failed":
+        return errors.APIError(503, message, errors.UNAVAILABLE, code=code, headers={"Retry-After": "30"})
+    return errors.APIError(500, message, errors.SERVER, code=code)
+
+
+def deadline(request: Request) -> float | None:
+    """time.monotonic() by which the request must finish: X-Request-Timeout (seconds) or the setting,
+    whichever is sooner."""
+    settings = request.app.state.settings
+    limit = settings.request_timeout_s or None  # 0: no default deadline
+    raw = request.headers.get("x-request-timeout")
+    if raw is not None:
+        try:
+            asked = float(raw)
+        except ValueError:
+            asked = -1.0
+        if not 0 < asked <= 86400:
+            raise errors.bad_request("X-Request-Timeout must be a number of seconds above 0.",
+                                     param="X-Request-Timeout")
+        limit = min(asked, limit) if limit else asked
+    return None if limit is None else time.monotonic() + float(limit)
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Race `work` against the client hanging up; on hang-up cancel it and raise ClientDisconnected."""
     task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(_wait_disconnect(request))
     try:
         done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             return task.result()
-        on_disconnect()
         task.cancel()
-        raise asyncio.CancelledError("client disconnected")
+        with contextlib.suppress(BaseException):
+            await task  # its cleanup (cancelling sequences, settling) runs before we answer
+        raise errors.ClientDisconnected()
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
     finally:
         watch.cancel()
+
+
+async def until_disconnect_iter(request: Request, items: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Items from `items` until it ends or the client hangs up (then it is closed: no waiting for the
+    next token to find out)."""
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    nxt: asyncio.Future | None = None
+    try:
+        while True:
+            nxt = asyncio.ensure_future(anext(items))
+            done, _ = await asyncio.wait({nxt, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if nxt not in done:
+                raise errors.ClientDisconnected()
+            try:
+                item = nxt.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        watch.cancel()
+        if nxt is not None and not nxt.done():
+            nxt.cancel()  # the generator's own cleanup (cancelling sequences, settling) runs here
+            with contextlib.suppress(BaseException):
+                await nxt
+        await items.aclose()  # type: ignore[attr-defined]
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -110,8 +190,8 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-def sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+def sse(obj: Any) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 def warn_unknown(route: str, fields: list[str]) -> None:

@@ -103,8 +103,8 @@ def test_embeddings_unit_norm_and_semantics(server):
     (json.dumps({"model": CHAT_MODEL, "messages": []}).encode(), (400,)),
     (json.dumps({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 5}).encode(),
      (400,)),
-    (json.dumps({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}).encode(),
-     (400,)),
+    (json.dumps({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                 "top_logprobs": 21}).encode(), (400,)),
     (json.dumps({"model": EMBED_MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode(), (400,)),
 ])
 def test_bad_requests_get_openai_errors(server, body, status):
