@@ -241,5 +241,10 @@ def test_phone_width_and_no_browser_errors(ui, shots):
         # No sideways scrolling (charts resize a moment after the viewport does, so wait for it).
         p.wait_for_function("document.documentElement.scrollWidth <= 392")
     p.screenshot(path=str(shots / "playground-phone.png"), full_page=False)
+    unlabelled = p.evaluate("""[...document.querySelectorAll('input, select, textarea, button')]
+        .filter((e) => e.type !== 'hidden' && !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
+                && !(e.tagName === 'BUTTON' && e.textContent.trim()))
+        .map((e) => e.id || e.outerHTML)""")
+    assert unlabelled == []  # every control has a name a screen reader can say
     p.set_viewport_size({"width": 1280, "height": 900})
     assert ui.errors == []
