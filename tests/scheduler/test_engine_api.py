@@ -130,19 +130,20 @@ def test_stream_sync_ends_after_shutdown(chat_artifact):
     eng = LLMEngine.from_dir(chat_artifact.path, "shutdown", max_num_seqs=1, threads=2)
     p = prompt(eng, "Count to one hundred.")
     params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    running = eng.stream_sync(p, params)
+    assert next(running).finish_reason is None  # submitted and decoding
     finals: list = []
-    first = threading.Event()
 
-    def consume():  # one runs, one waits in the queue: both must end
-        for ev in eng.stream_sync(p, params):
-            first.set()
-            if ev.finish_reason:
-                finals.append(ev.finish_reason)
+    def consume(events):
+        finals.extend(ev.finish_reason for ev in events if ev.finish_reason)
 
-    threads = [threading.Thread(target=consume, daemon=True) for _ in range(2)]
+    threads = [threading.Thread(target=consume, args=(running,), daemon=True),
+               threading.Thread(target=consume, args=(eng.stream_sync(p, params),), daemon=True)]
     for t in threads:
         t.start()
-    assert first.wait(60)
+    deadline = time.monotonic() + 60
+    while eng.scheduler.stats()["waiting"] < 1 and time.monotonic() < deadline:  # the second one is queued
+        time.sleep(0.01)
     assert eng.ready
     eng.close()
     for t in threads:

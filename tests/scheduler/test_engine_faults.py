@@ -195,12 +195,14 @@ def test_a_runner_that_keeps_failing_is_declared_dead(chat_artifact):
 def test_deadlines_end_running_and_queued_sequences(chat_artifact):
     eng = make_engine(chat_artifact.path, "deadline", max_num_seqs=1)
     try:
-        running = submit(eng, SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True,
-                                             deadline=time.monotonic() + 0.5))
-        queued = submit(eng, SamplingParams(max_tokens=4, deadline=time.monotonic() + 0.2))
+        params = SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True, deadline=time.monotonic() + 3600)
+        running = submit(eng, params)
+        running.get(timeout=60)  # it holds the only slot and is decoding
+        queued = submit(eng, SamplingParams(max_tokens=4, deadline=time.monotonic()))  # already due
         ev = final(queued)
         assert (ev.finish_reason, ev.error_code, ev.completion_tokens) == ("error", "deadline_exceeded", 0)
         assert "deadline" in ev.error
+        params.deadline = time.monotonic()  # now the running one is due too
         ev = final(running)
         assert (ev.finish_reason, ev.error_code) == ("error", "deadline_exceeded")
         assert 0 < ev.completion_tokens < 1500
