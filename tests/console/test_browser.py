@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -139,9 +140,11 @@ def test_create_key_and_stream_a_chat_answer(ui, gateway, shots, state):
     p.get_by_label("Max tokens").fill("24")
     p.get_by_label("Message").fill("Say hello in one short sentence.")
     p.get_by_role("button", name="Send").click()
-    answer = p.locator('#transcript li[data-role="assistant"] .text').last
     expect(p.locator("#pg-stats")).to_contain_text("finish:")
-    assert answer.text_content().strip()
+    stats = p.locator("#pg-stats").text_content()
+    streamed = re.search(r"\+ (\d+) completion tokens", stats)
+    assert streamed and int(streamed.group(1)) >= 1, stats
+    assert p.locator('#transcript li[data-role="assistant"] .text').last.text_content() is not None
     curl = p.locator("#snippet-curl").text_content()
     assert "/v1/chat/completions" in curl and CHAT_MODEL in curl and "$FMGATE_API_KEY" in curl
     assert "response_format" not in curl and '"tools"' not in curl  # toggles off: not sent

@@ -10,6 +10,7 @@ let tokensChart = null;
 let requestsChart = null;
 let current = [];
 let editing = null;
+let armed = null; // the key whose Revoke was pressed once
 
 const today = () => new Date().toISOString().slice(0, 10);
 
@@ -61,14 +62,15 @@ function renderKeys(list, usage) {
     const revoked = Boolean(k.revoked_at);
     const edit = h('button', { type: 'button', class: 'quiet', text: 'Edit', 'aria-label': `Edit ${k.name}`,
       disabled: revoked, onclick: () => openEdit(k) });
-    const revoke = h('button', { type: 'button', class: 'danger', text: 'Revoke', 'aria-label': `Revoke ${k.name}`,
-      disabled: revoked });
+    const revoke = h('button', { type: 'button', class: 'danger', text: armed === k.id ? 'Confirm revoke' : 'Revoke',
+      'aria-label': `Revoke ${k.name}`, disabled: revoked });
     revoke.addEventListener('click', async () => {
-      if (revoke.dataset.armed !== '1') { // a second press confirms; no blocking dialog
-        revoke.dataset.armed = '1';
+      if (armed !== k.id) { // a second press confirms (kept across the page's refreshes); no blocking dialog
+        armed = k.id;
         revoke.textContent = 'Confirm revoke';
         return;
       }
+      armed = null;
       revoke.disabled = true;
       try {
         await call(`/admin/keys/${encodeURIComponent(k.id)}/revoke`, { method: 'POST' });
