@@ -107,6 +107,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "modelCache": {"type": "pvc", "pvc": {"size": "50Gi", "storageClass": "fast-ssd"}},
         "strategy": {"type": "Recreate"},
     },
+    "shared-model-cache": {
+        "replicaCount": 3,
+        "redis": {"url": "redis://:pw@redis.cache.svc:6379/0"},
+        "modelCache": {"type": "shared", "shared": {"size": "100Gi", "storageClass": "nfs-client"}},
+    },
     "existing-secrets": {
         "redis": {"existingSecret": "redis-conn"},
         "modelCache": {"type": "existingClaim", "pvc": {"existingClaim": "fmgate-cache"}},
@@ -288,9 +293,8 @@ def test_objects_are_wired_together(rendered, name):
                 assert ("ConfigMap", vol["configMap"]["name"]) in names
             if "persistentVolumeClaim" in vol:
                 claim = vol["persistentVolumeClaim"]["claimName"]
-                assert ("PersistentVolumeClaim", claim) in names or claim == values["modelCache"]["pvc"][
-                    "existingClaim"
-                ]
+                assert ("PersistentVolumeClaim", claim) in names or claim in (
+                    values["modelCache"]["pvc"]["existingClaim"], values["modelCache"]["shared"]["existingClaim"])
     if values["serviceAccount"]["create"]:
         assert ("ServiceAccount", pod["spec"]["serviceAccountName"]) in names
 
@@ -340,6 +344,36 @@ def test_scale_out_render(rendered):
     dash = one(docs, "ConfigMap", f"{FULLNAME}-dashboard")
     assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dash["data"]["fmgate.json"])["uid"] == "fmgate-overview"
+
+
+def test_shared_model_cache_render(rendered):
+    """Replicas share the model store's cache on one ReadWriteMany claim; FMGATE_HOME stays pod-local."""
+    docs = rendered["shared-model-cache"]
+    claim = one(docs, "PersistentVolumeClaim", f"{FULLNAME}-models")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"]["storageClassName"] == "nfs-client"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "100Gi"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    deploy = one(docs, "Deployment")
+    assert deploy["spec"]["replicas"] == 3
+    pod = deploy["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes["model-cache"]  # pod-local: the SQLite database, the HF download cache
+    assert volumes["shared-models"]["persistentVolumeClaim"]["claimName"] == f"{FULLNAME}-models"
+    container = pod["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert mounts["model-cache"] == env["FMGATE_HOME"]
+    assert mounts["shared-models"] == env["FMGATE_HOME"] + "/models"  # where ModelStore(home) keeps its cache
+
+
+def test_shared_model_cache_with_an_existing_claim():
+    docs = render_docs({"replicaCount": 2, "redis": {"url": "redis://r:6379/0"},
+                        "modelCache": {"type": "shared", "shared": {"existingClaim": "team-models"}}})
+    assert not by_kind(docs, "PersistentVolumeClaim")
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == ["team-models"]
 
 
 def test_service_monitor_targets_the_service(rendered):

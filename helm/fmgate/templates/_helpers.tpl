@@ -134,8 +134,8 @@ Threads per engine: fmgate.threads if set, else the whole CPUs of limits.cpu or 
 {{- if and .Values.redis.url .Values.redis.existingSecret }}
 {{- fail "redis: set one of redis.url and redis.existingSecret, not both" }}
 {{- end }}
-{{- if and (include "fmgate.multiReplica" .) (ne .Values.modelCache.type "emptyDir") }}
-{{- fail "modelCache: with more than one replica use modelCache.type=emptyDir. FMGATE_HOME also holds each pod's SQLite key and usage database (WAL mode), which must not be shared between pods or put on network storage" }}
+{{- if and (include "fmgate.multiReplica" .) (not (has .Values.modelCache.type (list "emptyDir" "shared"))) }}
+{{- fail "modelCache: with more than one replica use modelCache.type=emptyDir or shared. FMGATE_HOME also holds each pod's SQLite key and usage database (WAL mode), which must not be shared between pods or put on network storage" }}
 {{- end }}
 {{- if and (include "fmgate.multiReplica" .) (ne .Values.fmgate.auth "off") (not (or .Values.redis.url .Values.redis.existingSecret .Values.redis.builtin.enabled)) }}
 {{- fail "redis: more than one replica needs Redis (redis.url, redis.existingSecret or redis.builtin.enabled): without it each pod has its own keys and quota counters" }}
