@@ -20,6 +20,7 @@ from gateway.quota.keys import (
     day_number,
     hash_secret,
     key_id_of,
+    month_of_day,
     next_month_start_day,
     same_digest,
 )
@@ -80,7 +81,9 @@ class Grant:
         self.reserve = reserve
         self.lease = lease
         self.decision = decision
-        self.mode = mode  # "memory" | "redis" | "local" (admitted while Redis was away) | "none"
+        # "memory" | "redis" | "local" (admitted while Redis was away) | "unsure" (open mode: the admission's
+        # answer was lost; settled through Redis by lease, so charged once whether or not it ran) | "none"
+        self.mode = mode
         self.admitted_ms = int(time.time() * 1000)
         self.settled = False
         self.headers: dict[str, str] = decision.headers() if decision is not None and decision.ok else {}
@@ -96,13 +99,14 @@ class Grant:
         p, c = max(0, int(prompt_tokens or 0)), max(0, int(completion_tokens or 0))
         kid = self.principal.key_id
         assert kid is not None
-        if self.mode == "local":
-            assert isinstance(gk.limiter, RedisLimiter)
-            day = day_number(self.admitted_ms / 1000)
-            gk.limiter.charge_local(kid, self.model, day, p, c, ts_ms=self.admitted_ms)
-            return
         d = self.decision
         assert d is not None
+        if self.mode in ("local", "unsure"):
+            await gk.degraded.settle(kid, self.lease, self.reserve, p, c, self.model, d.day, d.month)
+        if self.mode == "local":
+            assert isinstance(gk.limiter, RedisLimiter)
+            gk.limiter.charge_local(kid, self.model, d.day, p, c, ts_ms=self.admitted_ms)
+            return
         try:
             await gk.limiter.settle(kid, self.lease, self.reserve, p, c, self.model, d.day, d.month)
         except Exception:  # settle runs in finally blocks; it must never raise into the request
@@ -125,6 +129,10 @@ class Gatekeeper:
         self.redis = limiter if isinstance(limiter, RedisLimiter) else None
         self.keys = KeyManager(store, self.redis)
         self.fail_open = settings.quota_on_redis_error == "open"
+        # Open mode while Redis is away: this replica's share of each key's limits (see degraded_record).
+        self.replicas = replica_count(settings)
+        self.degraded = MemoryLimiter(store, window_s=getattr(limiter, "window_ms", 60_000) / 1000,
+                                      lease_ttl_s=lease_ttl_s)
         self.lease_ttl_s = lease_ttl_s
         self.flush_interval_s = flush_interval_s
         self.cache_ttl_s = cache_ttl_s
@@ -279,14 +287,8 @@ class Gatekeeper:
         lease = secrets.token_hex(8)
         try:
             d = await self.limiter.admit(rec, lease, reserve, model_name)
-        except Unavailable:
-            if not self.fail_open:
-                QUOTA_REJECTIONS.labels(base.UNAVAILABLE).inc()
-                raise APIError(503, "Rate limiting is temporarily unavailable. Please retry shortly.",
-                               UNAVAILABLE, code="quota_backend_unavailable",
-                               headers={"retry-after": "1"}) from None
-            REDIS_ERRORS.labels("admitted_without_redis").inc()
-            return Grant(self, principal, model_name, reserve, lease, None, "local")
+        except Unavailable as exc:
+            return self._admit_without_redis(principal, rec, model_name, reserve, lease, exc.sent)
         if d.status in (base.REVOKED, base.EXPIRED):
             self.invalidate(rec.id)
             QUOTA_REJECTIONS.labels(d.status).inc()
@@ -307,17 +309,48 @@ class Gatekeeper:
         self._live.add(grant)
         return grant
 
+    def _admit_without_redis(self, principal: Principal, rec: KeyRecord, model: str, reserve: int, lease: str,
+                             sent: bool) -> Grant:
+        """Redis did not answer. Closed: 503. Open: admit against this replica's share of the limits.
+        When the call may have reached Redis (`sent`), its script may have run: closed mode undoes it in
+        the background; open mode settles it through Redis by lease, so it is charged exactly once."""
+        assert self.redis is not None
+        now = time.time()
+        day = day_number(now)
+        month = month_of_day(day)
+        if sent and not self.fail_open:
+            self.redis.cancel_later(rec.id, lease, reserve, model, day, month)
+        if not self.fail_open:
+            QUOTA_REJECTIONS.labels(base.UNAVAILABLE).inc()
+            raise APIError(503, "Rate limiting is temporarily unavailable. Please retry shortly.",
+                           UNAVAILABLE, code="quota_backend_unavailable", headers={"retry-after": "1"})
+        d = self.degraded.admit_now(degraded_record(rec, self.replicas), lease, reserve, model)
+        if not d.ok:
+            if sent:
+                self.redis.cancel_later(rec.id, lease, reserve, model, day, month)
+            if d.status == base.MODEL_NOT_ALLOWED:
+                self.check_model(replace(principal, models=()), model)
+            QUOTA_REJECTIONS.labels(d.status).inc()
+            raise base.refusal(d, reserve, model)
+        REDIS_ERRORS.labels("admitted_without_redis").inc()
+        grant = Grant(self, principal, model, reserve, lease, d, "unsure" if sent else "local")
+        self._live.add(grant)
+        return grant
+
     # Background work.
     async def _renew_loop(self) -> None:
         interval = max(0.05, self.lease_ttl_s / 3)
         while not self._closed:
             await asyncio.sleep(interval)
             leases: dict[str, list[str]] = {}
+            local: dict[str, list[str]] = {}
             for g in list(self._live):
-                if not g.settled and g.mode in ("memory", "redis") and g.principal.key_id:
-                    leases.setdefault(g.principal.key_id, []).append(g.lease)
+                if not g.settled and g.principal.key_id:
+                    target = leases if g.mode in ("memory", "redis") else local
+                    target.setdefault(g.principal.key_id, []).append(g.lease)
             try:
                 await self.limiter.renew(leases)
+                await self.degraded.renew(local)
             except Exception:
                 log.exception("quota lease renewal failed")
 
@@ -380,6 +413,33 @@ class Gatekeeper:
 
     async def audit(self, key_id: str | None = None, limit: int = 1000) -> list[dict]:
         return await self.keys.audit(key_id, limit)
+
+
+def replica_count(settings: Settings) -> int:
+    """FMGATE_QUOTA_REPLICAS (or a `quota_replicas` setting): how many replicas share Redis."""
+    value = getattr(settings, "quota_replicas", None) or os.environ.get("FMGATE_QUOTA_REPLICAS") or 1
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"FMGATE_QUOTA_REPLICAS must be a whole number >= 1, not {value!r}") from None
+    if n < 1:
+        raise ValueError(f"FMGATE_QUOTA_REPLICAS must be a whole number >= 1, not {value!r}")
+    return n
+
+
+def degraded_record(rec: KeyRecord, replicas: int) -> KeyRecord:
+    """The key with its rate and concurrency limits divided by the replica count (at least 1 each), for
+    the per-replica limiter of open mode. Budgets stay whole: they are checked against this machine's
+    copy of the usage, which is as fresh as the last sync from Redis."""
+    def share(v: int) -> int:
+        return max(1, v // replicas) if v else 0
+
+    lim = rec.limits
+    return replace(
+        rec,
+        limits=replace(lim, rpm=share(lim.rpm), tpm=share(lim.tpm), max_concurrent=share(lim.max_concurrent)),
+        model_limits={m: replace(ml, rpm=share(ml.rpm), tpm=share(ml.tpm)) for m, ml in rec.model_limits.items()},
+    )
 
 
 def _bearer(value: str | None) -> str | None:

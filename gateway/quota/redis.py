@@ -49,7 +49,15 @@ async def stop_task(task: asyncio.Task, timeout: float = 5.0) -> None:
 
 
 class Unavailable(Exception):
-    """Redis did not answer; the caller applies the fail mode."""
+    """Redis did not answer; the caller applies the fail mode. `sent`: the call may have reached Redis
+    (it timed out or broke mid-way), so its script may have run."""
+
+    def __init__(self, sent: bool = False):
+        super().__init__()
+        self.sent = sent
+
+
+SOCKET_TIMEOUT_S = 5.0  # per Redis call; the tests make it short to fake a slow Redis
 
 
 def _hosts(netloc: str) -> list[tuple[str, int]]:
@@ -76,7 +84,7 @@ def connect(url: str):
     # timeout, not two.
     from urllib.parse import unquote, urlsplit
 
-    opts = dict(decode_responses=True, socket_timeout=5.0, socket_connect_timeout=5.0,
+    opts = dict(decode_responses=True, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=5.0,
                 retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
     u = urlsplit(url)
     auth = {"username": unquote(u.username) if u.username else None,
@@ -325,7 +333,7 @@ class RedisLimiter:
             raise
         except _ERRORS as exc:
             self._failed("admit", exc)
-            raise Unavailable from exc
+            raise Unavailable(sent=True) from exc
         self._ok()
         if res[0] == "load":  # pragma: no cover - the record vanished between two calls
             raise Unavailable
@@ -365,6 +373,12 @@ class RedisLimiter:
             await self.load(rec)
             await self._settle(keys=keys, args=args)
         self._touched.add(item["key_id"])
+
+    def cancel_later(self, key_id: str, lease: str, reserve: int, model: str, day: int, month: int) -> None:
+        """Undo an admission whose answer was lost (it may or may not have run), from the background
+        loop: idempotent by lease, so it is safe whichever happened."""
+        self._queue_settle({"key_id": key_id, "lease": lease, "reserve": reserve, "prompt": 0, "completion": 0,
+                            "model": model, "day": day, "month": month, "cancel": 1})
 
     def _queue_settle(self, item: dict) -> None:
         if len(self._pending_settles) >= MAX_PENDING_SETTLES:
