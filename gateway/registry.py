@@ -413,7 +413,8 @@ class Registry:
                 max_queued=cfg.max_queued_inputs, fairness=self.settings.fairness,
             )
         elif fmt == "torch":
-            from .engines import torch_loader  # torch (CUDA) code is imported only where a GPU variant was chosen
+            # torch (CUDA) code is imported only where a GPU variant was chosen
+            from .engines import torch_loader
 
             engine = torch_loader.load(path, cfg, threads)
         else:
