@@ -539,8 +539,29 @@ class RedisLimiter:
         if self.pending:
             await self.reconcile()
         if await self.ready():
+            await self.check_memory_policy()
             await self.sync(full=True)
         self._task = asyncio.create_task(self._loop(), name="fmgate-quota-sync")
+
+    async def check_memory_policy(self) -> str | None:
+        """Warn when Redis can grow without bound or evict any key (a key record, a window): quota data
+        wants `maxmemory` with `noeviction`, so a full Redis refuses writes and the fail mode applies.
+        Returns the warning, or None (also when CONFIG is not allowed, as on many managed services)."""
+        try:
+            conf = await self.r.config_get("maxmemory*")
+        except _ERRORS:
+            return None
+        if isinstance(conf, dict) and conf and not any(k == "maxmemory" for k in conf):
+            conf = next(iter(conf.values()))  # a Cluster answers per node
+        maxmemory = int(conf.get("maxmemory") or 0) if isinstance(conf, dict) else 0
+        policy = conf.get("maxmemory-policy", "") if isinstance(conf, dict) else ""
+        if maxmemory and policy == "noeviction":
+            return None
+        msg = (f"quota redis has maxmemory={maxmemory} maxmemory-policy={policy or '?'}: set maxmemory and "
+               "maxmemory-policy noeviction, so a full Redis refuses writes (the fail mode applies) instead "
+               "of growing without bound or evicting limit state")
+        log.warning(msg)
+        return msg
 
     async def close(self) -> None:
         self._closing = True

@@ -219,3 +219,18 @@ async def test_tpm_window_purge_keeps_sums_exact(renv):
             assert amounts["_sum"] == sum(entries) == sum(v for k, v in amounts.items() if k.startswith("b"))
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
+
+
+async def test_memory_policy_is_checked_at_start(renv, redis_proc):
+    gk = await renv.gk()
+    lim = gk.redis
+    # The private test Redis starts without maxmemory: a warning says what to set.
+    other = type(lim)(redis_proc.url, lim.store, prefix=renv.prefix)
+    try:
+        warning = await other.check_memory_policy()
+        assert warning and "noeviction" in warning
+        await other.r.config_set("maxmemory", "64mb")
+        await other.r.config_set("maxmemory-policy", "noeviction")
+        assert await other.check_memory_policy() is None
+    finally:
+        await qredis.close_client(other.r)
