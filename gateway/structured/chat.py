@@ -20,7 +20,7 @@ from .tools import CLOSE, OPEN, check_tools
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 TOOLS_PROMPT = (
     "You can call functions. These are available, as JSON schemas:\n{tools}\n"
-    "To call a function, reply with one line per call and nothing else:\n"
+    "To call a function, reply with nothing but one such tag per call, back to back:\n"
     + OPEN + '{{"name": "<function name>", "arguments": {{<arguments as a JSON object>}}}}' + CLOSE + "\n"
     "The results come back in <tool_response> tags. If no function fits, answer in plain text."
 )
@@ -144,11 +144,11 @@ def _fallback(msgs: list[dict], tools: list[dict]) -> list[dict]:
                 continue
             role = "system"
         if role == "assistant":
-            lines = [text] if text else []
+            calls = []
             for c in m["tool_calls"]:
                 names[c["id"]] = c["name"]
-                lines.append(OPEN + json.dumps({"name": c["name"], "arguments": c["arguments"]}) + CLOSE)
-            text = "\n".join(lines)
+                calls.append(OPEN + json.dumps({"name": c["name"], "arguments": c["arguments"]}) + CLOSE)
+            text = "\n".join(x for x in (text, "".join(calls)) if x)
         if role == "tool":
             name = m.get("name") or names.get(m["tool_call_id"])
             text = "<tool_response>" + json.dumps(

@@ -1,7 +1,7 @@
 """Tool calling: definitions checked, `tool_choice` turned into a grammar, and model text turned into tool calls.
 
 Calls are written as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the Hermes/Qwen form, which
-the fallback prompt in chat.py teaches to models whose template has no tool support), one per line.
+the fallback prompt in chat.py teaches to models whose template has no tool support), back to back.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def tools_grammar(tools: list[dict], mode: str, parallel: bool) -> str:
               "x-guidance": {**JSON_OPTIONS, "lenient": not strict}}
     lines = [
         "start: TEXT | calls" if mode == "auto" else "start: calls",
-        'calls: call ("\\n" call)*' if parallel else "calls: call",
+        "calls: call+" if parallel else "calls: call",
         f'call: "{OPEN}" %json {json.dumps(schema)} "{CLOSE}"',
     ]
     if mode == "auto":
@@ -110,7 +110,9 @@ async def compile_tools(engine, tools: Any, tool_choice: Any = None,
     mode, allowed = chosen_tools(check_tools(tools), tool_choice)
     if mode == "none":
         return None
-    grammar = tools_grammar(allowed, mode, parallel_tool_calls is not False)
+    named = isinstance(tool_choice, dict) or hasattr(tool_choice, "model_dump")
+    # A named function is called once, as vLLM does; otherwise parallel_tool_calls decides.
+    grammar = tools_grammar(allowed, mode, parallel_tool_calls is not False and not named)
     return await compile_grammar(engine, grammar, "tools")
 
 
