@@ -51,3 +51,17 @@ def test_input_limits(server, limit, body):
         "model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}], **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == limit
+
+
+def test_chunked_body_over_the_cap_is_413_not_400(server):
+    limit = 4 * 1024 * 1024
+
+    def chunks():  # no Content-Length: the cap is found while reading
+        for _ in range(4):
+            yield b" " * (1024 * 1024)
+        yield b" " * 64
+
+    r = httpx.post(server.base_url + "/v1/embeddings", content=chunks(), timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "request_too_large" and str(limit) in r.json()["error"]["message"]
