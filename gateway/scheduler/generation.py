@@ -155,6 +155,7 @@ class GenerationScheduler:
         self._waiting = _waiting_queue()
         self._prefilling: list[GenSequence] = []
         self._running: list[GenSequence] = []
+        self._live: set[GenSequence] = set()  # submitted and not yet given their final event
         self._cancel_pending = False
         self._stopping = False
         self._failed: str | None = None  # why the thread died
@@ -188,6 +189,7 @@ class GenerationScheduler:
                 )
             for seq in seqs:
                 self._waiting.push(seq)
+            self._live.update(seqs)
             metrics.QUEUE_DEPTH.labels(self.name).set(len(self._waiting))
             self._cv.notify()
         return seqs
@@ -259,8 +261,9 @@ class GenerationScheduler:
     def _die(self, exc: BaseException) -> None:
         with self._cv:
             self._failed = f"{type(exc).__name__}: {exc}"
-            seqs = [*self._waiting.remove_if(lambda s: True), *self._prefilling, *self._running]
+            self._waiting.remove_if(lambda s: True)
             self._prefilling, self._running = [], []
+            seqs = list(self._live)  # wherever the thread left them
         log.error("engine thread for %s died; the model is unavailable", self.name, exc_info=exc)
         metrics.ENGINE_FAILURES.labels(self.name).inc()
         metrics.ENGINE_UP.labels(self.name).set(0)
@@ -486,6 +489,7 @@ class GenerationScheduler:
         if seq.done:
             return
         seq.done = True
+        self._live.discard(seq)
         text = "" if reason in ("abort", "error") else seq.text[seq.sent :]
         seq.sent = len(seq.text)
         self._emit(seq, self._event(seq, text, finish_reason=reason, error=error, error_code=code,
