@@ -144,6 +144,35 @@ async def compile_grammar(engine, grammar: str, param: str) -> ConstraintFactory
         raise
 
 
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SUBSCHEMA_ONE = ("items", "additionalProperties", "contains", "if", "then", "else")
+
+
+def close_objects(schema: Any) -> Any:
+    """Objects that list `properties` but say nothing of others get `additionalProperties: false`.
+
+    Output stays valid for the schema as given (no extra keys is one valid choice); without this a small
+    model keeps inventing keys until max_tokens. allOf branches and `not` are left alone (closing them
+    would change what validates)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if "properties" in out and not any(k in out for k in ("additionalProperties", "unevaluatedProperties",
+                                                          "patternProperties")):
+        out["additionalProperties"] = False
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: close_objects(v) for k, v in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [close_objects(v) for v in out[key]]
+    for key in _SUBSCHEMA_ONE:
+        if isinstance(out.get(key), dict):
+            out[key] = close_objects(out[key])
+    return out
+
+
 def json_grammar(schema: Any, strict: bool, param: str) -> str:
     """llguidance grammar text for a JSON schema. strict: unsupported keywords are errors, not ignored."""
     if isinstance(schema, bool):
@@ -152,7 +181,7 @@ def json_grammar(schema: Any, strict: bool, param: str) -> str:
         raise EngineError("The JSON schema must be an object.", param=param, code="invalid_schema")
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(
-            json.dumps(schema, sort_keys=False), overrides={**JSON_OPTIONS, "lenient": not strict})
+            json.dumps(close_objects(schema)), overrides={**JSON_OPTIONS, "lenient": not strict})
     except (ValueError, TypeError) as exc:
         raise EngineError(f"Invalid JSON schema: {exc}", param=param, code="invalid_schema") from exc
 

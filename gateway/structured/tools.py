@@ -12,7 +12,7 @@ import secrets
 from typing import Any
 
 from ..engines.base import EngineError
-from .grammar import JSON_OPTIONS, ConstraintFactory, compile_grammar
+from .grammar import JSON_OPTIONS, ConstraintFactory, close_objects, compile_grammar
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -84,7 +84,7 @@ def chosen_tools(tools: list[dict], tool_choice: Any) -> tuple[str, list[dict]]:
 def _call_schema(tool: dict) -> dict:
     fn = tool["function"]
     return {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-            "properties": {"name": {"const": fn["name"]}, "arguments": fn["parameters"]}}
+            "properties": {"name": {"const": fn["name"]}, "arguments": close_objects(fn["parameters"])}}
 
 
 def tools_grammar(tools: list[dict], mode: str, parallel: bool) -> str:

@@ -11,6 +11,7 @@ import pytest
 
 from gateway.engines.base import EngineError
 from gateway.structured import allocate_bitmask, compile_response_format
+from gateway.structured.grammar import close_objects
 from tests.structured.conftest import allowed_ids, make_engine, walk
 
 PERSON = {
@@ -120,3 +121,17 @@ def test_closing_the_object_finishes_and_bad_tokens_are_refused(engine):
     assert c.is_finished()
     c2 = compile_now(engine, {"type": "json_object"}).new()
     assert not c2.accept(tok.encode("hello", add_special_tokens=False)[0])
+
+
+def test_open_objects_are_generated_without_extra_keys(engine):
+    open_schema = {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"type": "object", "properties": {
+        "c": {"type": "boolean"}}, "required": ["c"]}}, "required": ["a", "b"]}
+    closed = close_objects(open_schema)
+    assert closed["additionalProperties"] is False and closed["properties"]["b"]["additionalProperties"] is False
+    assert "additionalProperties" not in open_schema  # the caller's schema is not changed
+    both = {"allOf": [{"properties": {"x": {}}}, {"properties": {"y": {}}}], "not": {"properties": {"z": {}}}}
+    assert close_objects(both) == both
+    for seed in range(3):
+        value = json.loads(generate(engine, compile_now(engine, schema_format(open_schema, strict=False)), seed))
+        jsonschema.validate(value, open_schema)
+        assert set(value) == {"a", "b"} and set(value["b"]) == {"c"}
