@@ -77,7 +77,11 @@ class Store:
             have = {r[1] for r in self._db.execute("PRAGMA table_info(keys)")}
             for col, decl in _ADDED_COLS:  # columns added after the first release
                 if col not in have:
-                    self._db.execute(f"ALTER TABLE keys ADD COLUMN {col} {decl}")
+                    try:
+                        self._db.execute(f"ALTER TABLE keys ADD COLUMN {col} {decl}")
+                    except sqlite3.OperationalError as exc:  # another process added it first
+                        if "duplicate column" not in str(exc):
+                            raise
 
     def close(self) -> None:
         with self._lock:

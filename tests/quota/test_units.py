@@ -177,3 +177,25 @@ def test_principal_carries_tenant_and_weight(tmp_path):
     for bad in (0, -1, 1001, True):
         with pytest.raises(ValueError):
             KeyLimits(weight=bad)
+
+
+def test_store_migrates_an_old_key_table(tmp_path):
+    import sqlite3
+
+    from gateway.quota.store import DB_NAME, Store
+
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.executescript(
+        "CREATE TABLE keys (id TEXT PRIMARY KEY, name TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, "
+        "created_at REAL NOT NULL, revoked_at REAL, rpm INTEGER NOT NULL DEFAULT 0, tpm INTEGER NOT NULL DEFAULT 0, "
+        "tokens_per_day INTEGER NOT NULL DEFAULT 0, tokens_per_month INTEGER NOT NULL DEFAULT 0, "
+        "max_concurrent INTEGER NOT NULL DEFAULT 0, models TEXT);"
+        "INSERT INTO keys VALUES ('abc', 'old', 'h', 1.0, NULL, 5, 0, 0, 0, 0, '[\"m\"]');")
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    rec = store.get_key("abc")
+    assert rec.limits.rpm == 5 and rec.limits.weight == 1.0 and rec.models == ("m",)
+    assert rec.tags == () and rec.model_limits == {} and rec.expires_at is None
+    store.close()
+    Store(tmp_path).close()  # a second open finds the columns there
