@@ -68,7 +68,7 @@ async def test_admission_whose_answer_is_lost_is_settled_once(tmp_path, prefix, 
         p = await gk.authenticate(bearer(secret))
         keys = gk.redis.keys(rec.id)
         await (await gk.admit(p, "m", 1)).settle(0, 0)  # loads the scripts: a NOSCRIPT answer would be lost too
-        busy(redis_proc.port, 1500)
+        busy(redis_proc.port, 3000)  # long enough that our call surely starts while Redis is busy
         if fail == "closed":
             with pytest.raises(APIError) as info:
                 await gk.admit(p, "m", 100)
