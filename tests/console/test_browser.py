@@ -19,19 +19,22 @@ import pytest
 
 from tests.conftest import CHAT_MODEL, EMBED_MODEL, need
 
-pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 ADMIN = "console-admin-" + "k" * 32
 WAIT_MS = 60_000
 
 
 @pytest.fixture(scope="module")
-def gateway(start_server, store_home, tmp_path_factory):
-    # A private home (its own key database) whose models/ is the session's shared model cache.
+def gateway(start_server, store_home, tmp_path_factory, chat_artifact, embed_artifact):
+    # A private home (its own key database) whose models/ is the session's shared model cache. In a clean
+    # CI run this module may come first: the artifact fixtures then build the default models in-process
+    # (bounded by the test's timeout, not the server's start), and the server only loads them.
     home = tmp_path_factory.mktemp("console-home")
     (store_home / "models").mkdir(parents=True, exist_ok=True)
     (home / "models").symlink_to(store_home / "models", target_is_directory=True)
-    srv = start_server(env={"FMGATE_AUTH": "on", "FMGATE_ADMIN_KEY": ADMIN}, home=home)
+    srv = start_server(env={"FMGATE_AUTH": "on", "FMGATE_ADMIN_KEY": ADMIN}, home=home, ready=False)
+    srv.wait_ready(timeout=600)
     yield srv
     srv.stop()
 
