@@ -135,3 +135,22 @@ def test_what_cannot_be_served_is_a_4xx_naming_the_field(server, extra, param):
     err = e.value.body
     assert (err["param"] or "").split(".")[0] == param, err
     assert err["type"] == "invalid_request_error"
+
+
+def test_request_deadline_header(server):
+    body = {"model": CHAT_MODEL, "messages": ASK, "max_tokens": 1000, "temperature": 0.8, "seed": 1,
+            "logit_bias": {"0": -100, "1": -100, "2": -100}}  # no EOS: it cannot finish in time
+    headers = {"X-Request-Timeout": "0.5"}
+    r = httpx.post(server.base_url + "/v1/chat/completions", json=body, headers=headers, timeout=120)
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["code"] == "deadline_exceeded"
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json={**body, "stream": True},
+                      headers=headers, timeout=120) as s:
+        lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+    if s.status_code == 200:  # the first token came in time: the deadline ends the stream with an error event
+        assert json.loads(lines[-1][6:])["error"]["code"] == "deadline_exceeded"
+    else:
+        assert s.status_code == 504
+    bad = httpx.post(server.base_url + "/v1/chat/completions", json=body, headers={"X-Request-Timeout": "soon"},
+                     timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Timeout"
