@@ -255,6 +255,29 @@ class Registry:
             await self._unload(slot, "admin")
         return slot
 
+    async def set_budget(self, max_loaded_memory: int | None = None, max_loaded_models: int | None = None) -> None:
+        """Change the residency limits at run time; idle models over the new limits unload now (LRU first)."""
+        if max_loaded_memory is not None:
+            self.settings.max_loaded_memory = max_loaded_memory
+        if max_loaded_models is not None:
+            self.settings.max_loaded_models = max_loaded_models
+        async with self._get_lock():
+            while True:
+                loaded = [s for s in self.slots.values() if s.state == "ready"]
+                most = self.settings.max_loaded_models
+                over = (sum(s.memory_bytes for s in loaded) > self.settings.max_loaded_memory
+                        or (most and len(loaded) > most))
+                idle = [s for s in loaded if s.in_use == 0]
+                if not over or not idle:
+                    return
+                await self._unload(min(idle, key=lambda s: s.last_used or 0.0), "lru")
+
+    def budget(self) -> dict:
+        loaded = [s for s in self.slots.values() if s.state == "ready"]
+        return {"max_loaded_memory": self.settings.max_loaded_memory,
+                "max_loaded_models": self.settings.max_loaded_models,
+                "loaded_memory": sum(s.memory_bytes for s in loaded), "loaded_models": len(loaded)}
+
     # -- loading and unloading --
 
     def _get_lock(self) -> asyncio.Lock:

@@ -1,14 +1,15 @@
-"""Admin API for models: what is loaded (GET /admin/models), load, unload, and add one without a restart."""
+"""Admin API for models: what is loaded (GET /admin/models), load, unload, add one, and the residency
+budget (/admin/model-budget), all without a restart."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import INVALID_REQUEST, APIError, bad_request, model_not_found
 from ..registry import ModelBusy, ModelNotFound, Registry
-from ..settings import ModelConfig
+from ..settings import ModelConfig, parse_bytes
 from .admin import require_admin
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
@@ -20,6 +21,34 @@ def _registry(request: Request) -> Registry:
 
 def _entry(registry: Registry, name: str) -> dict:
     return {"object": "model_status", **next(s for s in registry.status() if s["name"] == name)}
+
+
+class Budget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_loaded_memory: int | str | None = Field(None, description="bytes, or a size like '4GiB'")
+    max_loaded_models: int | None = Field(None, ge=0, description="0 = no limit")
+
+
+@router.get("/model-budget")
+async def show_budget(request: Request):
+    return {"object": "model_budget", **_registry(request).budget()}
+
+
+@router.post("/model-budget")
+async def set_budget(body: Budget, request: Request):
+    """Change max_loaded_memory / max_loaded_models without a restart; idle models over it unload now."""
+    memory = body.max_loaded_memory
+    if isinstance(memory, str):
+        try:
+            memory = parse_bytes(memory)
+        except ValueError as exc:
+            raise bad_request(str(exc), param="max_loaded_memory") from None
+    if memory is not None and memory < 0:
+        raise bad_request("max_loaded_memory must not be negative.", param="max_loaded_memory")
+    registry = _registry(request)
+    await registry.set_budget(memory, body.max_loaded_models)
+    return {"object": "model_budget", **registry.budget()}
 
 
 @router.get("/models")

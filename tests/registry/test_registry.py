@@ -198,3 +198,22 @@ def test_deprecated_max_queued_and_sizes():
     with pytest.raises(ValueError):
         parse_bytes("lots")
     assert Settings(max_loaded_memory="1GiB").max_loaded_memory == 2**30
+
+
+def test_budget_change_unloads_idle_models_over_it():
+    async def main():
+        reg = Registry(settings([cfg("a"), cfg("b"), cfg("c")]), build=fake_builder({}))
+        await reg.start()
+        a = await reg.acquire("a", "chat")  # in flight: stays whatever the budget
+        b = await reg.acquire("b", "chat")
+        reg.release(b)  # b is used after c, so c is the least recently used idle one
+        await reg.set_budget(max_loaded_memory=250 * MB)
+        assert {s["name"]: s["state"] for s in reg.status()} == {"a": "ready", "b": "ready", "c": "unloaded"}
+        await reg.set_budget(max_loaded_models=1)
+        assert {s["name"]: s["state"] for s in reg.status()} == {"a": "ready", "b": "unloaded", "c": "unloaded"}
+        assert reg.budget() == {"max_loaded_memory": 250 * MB, "max_loaded_models": 1,
+                                "loaded_memory": 100 * MB, "loaded_models": 1}
+        reg.release(a)
+        await reg.aclose()
+
+    asyncio.run(main())
