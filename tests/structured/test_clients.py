@@ -137,8 +137,11 @@ def test_openai_agents_sdk_one_tool_round_trip(server):
     assert isinstance(result.final_output, str) and result.final_output.strip()
 
 
-def test_lm_eval_local_completions_loglikelihood(server, chat_artifact, tmp_path):
+def test_lm_eval_local_completions_loglikelihood(server, chat_artifact, tmp_path, monkeypatch):
     have("lm_eval")
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # everything it needs is local
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
