@@ -59,7 +59,7 @@ class EmbeddingBatcher:
         self.max_queued = max_queued
         self._cv = threading.Condition()
         self._queue: FairQueue[tuple[EmbedJob, int]] = FairQueue(
-            fairness, quantum=256, cost=_input_tokens, key=lambda it: (it[0].tenant, it[0].weight))
+            fairness, quantum=32, cost=_input_tokens, key=lambda it: (it[0].tenant, it[0].weight))
         self._stopping = False
         self._rate = 200.0  # inputs per second, moving average, for Retry-After
         self._thread = threading.Thread(target=self._loop, name=f"embed-{name}", daemon=True)

@@ -50,3 +50,49 @@ def test_full_queue_is_refused(embed_artifact):
             eng.batcher.submit([[101, 102]] * 5, lambda out, err: None)
     finally:
         eng.close()
+
+
+class _GatedRunner:
+    """A fake encoder that holds its first batch until released and records who was encoded when."""
+
+    dim = 4
+    max_length = 512
+
+    def __init__(self):
+        self.gate = threading.Event()
+        self.order: list[int] = []
+        self.started = threading.Event()
+
+    def encode(self, batch):
+        self.started.set()
+        self.gate.wait(60)
+        self.order.extend(ids[0] for ids in batch)
+        return np.ones((len(batch), self.dim), dtype=np.float32) / 2
+
+
+def test_batcher_shares_fairly_between_tenants():
+    from gateway.scheduler.embedding import EmbeddingBatcher
+
+    runner = _GatedRunner()
+    batcher = EmbeddingBatcher(runner, name="fair-test", max_batch_size=2, max_wait_ms=0)
+    done = threading.Event()
+    left = [3]
+
+    def finished(out, err):
+        left[0] -= 1
+        if left[0] == 0:
+            done.set()
+
+    try:
+        batcher.submit([[1, 5]], finished, tenant="A")  # occupies the runner while the queue builds
+        assert runner.started.wait(60)
+        batcher.submit([[1, 5, 6, 7]] * 40, finished, tenant="A")  # A's backlog: ids start with 1
+        batcher.submit([[2, 5, 6, 7]], finished, tenant="B")  # B arrives last
+        runner.gate.set()
+        assert done.wait(60)
+        # FCFS would encode B's input last (position 41); fairly it comes after about one turn of A's
+        # (32 tokens of credit: 8 of A's 4-token inputs).
+        assert runner.order.index(2) <= 10, runner.order
+    finally:
+        runner.gate.set()
+        batcher.shutdown()
