@@ -39,15 +39,15 @@ def have(module: str) -> None:
 
 def test_openai_parse_with_a_pydantic_model(server):
     r = server.client(timeout=60).chat.completions.parse(model=CHAT_MODEL, messages=ASK, response_format=City,
-                                                         temperature=0, max_tokens=80)
+                                                         temperature=0, max_tokens=160)
     assert r.choices[0].finish_reason == "stop"
     assert isinstance(r.choices[0].message.parsed, City)
 
 
 def test_openai_tools_required_and_streamed_deltas(server):
     client = server.client(timeout=60)
-    kw = dict(model=CHAT_MODEL, temperature=0, max_tokens=48, tools=[WEATHER_TOOL], tool_choice="required",
-              messages=[{"role": "user", "content": "What is the weather in Oslo?"}])
+    kw = dict(model=CHAT_MODEL, temperature=0, max_tokens=64, tools=[WEATHER_TOOL], tool_choice="required",
+              parallel_tool_calls=False, messages=[{"role": "user", "content": "What is the weather in Oslo?"}])
     r = client.chat.completions.create(**kw)
     call = r.choices[0].message.tool_calls[0]
     assert r.choices[0].finish_reason == "tool_calls" and call.id.startswith("call_")
@@ -70,7 +70,7 @@ def test_instructor(server, mode):
 
     client = instructor.from_openai(server.client(timeout=60), mode=getattr(instructor.Mode, mode))
     city = client.chat.completions.create(model=CHAT_MODEL, messages=ASK, response_model=City, temperature=0,
-                                          max_tokens=80, max_retries=0)
+                                          max_tokens=160, max_retries=0)
     assert isinstance(city, City)
 
 
@@ -79,7 +79,7 @@ def _chat_openai(server):
     from langchain_openai import ChatOpenAI
 
     return ChatOpenAI(model=CHAT_MODEL, base_url=server.base_url + "/v1", api_key="unused", temperature=0,
-                      max_tokens=80, max_retries=0, timeout=60)
+                      max_tokens=160, max_retries=0, timeout=60)
 
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling"])
@@ -131,7 +131,8 @@ def test_openai_agents_sdk_one_tool_round_trip(server):
     client = AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
     agent = Agent(name="weather", instructions="Answer questions about the weather using the tool.",
                   tools=[get_weather], model=AnswerAfterTool(model=CHAT_MODEL, openai_client=client),
-                  model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=48))
+                  model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False,
+                                               temperature=0, max_tokens=48))
     result = asyncio.run(Runner.run(agent, "What is the weather in Oslo?", max_turns=3))
     assert len(calls) == 1
     assert isinstance(result.final_output, str) and result.final_output.strip()
