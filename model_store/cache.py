@@ -14,6 +14,7 @@ Layout under <home>/models:
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -72,7 +73,7 @@ class Cache:
                     (self.root / d).mkdir(parents=True, exist_ok=True)
                 probe = self.tmp / f".probe-{os.getpid()}"
                 probe.write_bytes(b"x")
-                probe.unlink()
+                probe.unlink(missing_ok=True)  # a prune may have swept it already
                 self._writable = True
             except OSError:
                 self._writable = False
@@ -124,6 +125,39 @@ class Cache:
             yield
         finally:
             lk.release()
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        """Held by every load and build: maintenance (prune, rm) waits until none is in progress."""
+        if not self.writable():  # a read-only cache: nobody prunes it through us
+            yield
+            return
+        with open(self.locks / "maintenance.lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @contextmanager
+    def exclusive(self, timeout: float | None = None) -> Iterator[None]:
+        """Held by prune and rm: no load or build is in progress meanwhile (None: wait for ever)."""
+        self.require_writable()
+        with open(self.locks / "maintenance.lock", "a+") as f:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise StoreError("the model cache is busy (a model is being loaded or built); "
+                                         "try again when it is done") from None
+                    time.sleep(0.1)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     # --- blobs --------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ err = Console(stderr=True)
 HomeOpt = Annotated[Path | None, typer.Option("--home", envvar="FMGATE_HOME",
                                               help="cache location (default: XDG cache dir/fmgate)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+WaitOpt = Annotated[float, typer.Option("--wait", help="seconds to wait for loads and builds in progress")]
 
 
 def _store(home: Path | None):
@@ -187,10 +188,10 @@ def show(name: Annotated[str, typer.Argument(help="model name, source ref, or di
 @models_app.command("rm")
 def rm(name: Annotated[str, typer.Argument(help="model name, source ref, or digest")],
        variant: Annotated[str | None, typer.Option(help="remove only this variant")] = None,
-       home: HomeOpt = None) -> None:
+       home: HomeOpt = None, wait: WaitOpt = 600) -> None:
     """Remove a model (or one variant) from the cache."""
     try:
-        freed = _inventory(home).remove(name, variant)
+        freed = _inventory(home).remove(name, variant, timeout=wait)
     except StoreError as exc:
         _fail(exc)
     out.print(f"removed {name}{' ' + variant if variant else ''}; freed {_mb(freed)}")
@@ -217,11 +218,11 @@ def verify(name: Annotated[str | None, typer.Argument(help="one model; default a
 
 
 @models_app.command("prune")
-def prune(losers: Annotated[bool, typer.Option(help="also drop variants `auto` did not choose")] = False,
-          home: HomeOpt = None) -> None:
+def prune(losers: Annotated[bool, typer.Option(help="also drop variants `auto` did not choose (keeps pinned)")] = False,
+          home: HomeOpt = None, wait: WaitOpt = 600) -> None:
     """Free disk: unreferenced blobs, stale scratch, intermediate GGUF conversions."""
     try:
-        freed = _inventory(home).prune(losers=losers)
+        freed = _inventory(home).prune(losers=losers, timeout=wait)
     except StoreError as exc:
         _fail(exc)
     out.print("freed " + ", ".join(f"{k} {_mb(v)}" for k, v in freed.items()))

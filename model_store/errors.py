@@ -12,3 +12,9 @@ class StoreError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class TransientError(StoreError):
+    """A failure that says nothing about the model (disk full, out of memory, a killed build, a timeout).
+
+    It fails this load, but it is not recorded: the next load tries again."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,8 +79,14 @@ class Inventory:
                     "candidates": [{k: x.get(k) for k in keep if k in x} for x in sel.get("candidates", [])]}
         return None
 
-    def remove(self, name: str, variant: str | None = None) -> int:
-        """Drop a model (or one of its variants); returns bytes freed once blobs are collected."""
+    def remove(self, name: str, variant: str | None = None, timeout: float | None = 600) -> int:
+        """Drop a model (or one of its variants); returns bytes freed once blobs are collected.
+
+        Waits (up to `timeout` s) until no load or build is in progress."""
+        with self.cache.exclusive(timeout):
+            return self._remove(name, variant)
+
+    def _remove(self, name: str, variant: str | None) -> int:
         for e in self.find(name):
             for v in e.variants:
                 if variant and v["variant"] != variant:
@@ -129,23 +134,38 @@ class Inventory:
                     b.unlink(missing_ok=True)
         return freed
 
-    def prune(self, losers: bool = False, staging: bool = True) -> dict:
-        """Free space: unreferenced blobs, stale scratch, GGUF conversions, and (losers) unchosen variants."""
+    def prune(self, losers: bool = False, staging: bool = True, timeout: float | None = 600) -> dict:
+        """Free space: unreferenced blobs, stale scratch, GGUF conversions, and (losers) unchosen variants.
+
+        Waits (up to `timeout` s) until no load or build is in progress, and holds them off meanwhile."""
+        with self.cache.exclusive(timeout):
+            return self._prune(losers, staging)
+
+    def pinned(self) -> set[str]:
+        """Variant keys a ref was last served or explicitly asked for: never a loser."""
+        keys: set[str] = set()
+        for _, rec in self._jsons(self.cache.refs):
+            keys.update(rec.get("pinned", []))
+            for k in ("chosen", "last"):
+                if (rec.get(k) or {}).get("key"):
+                    keys.add(rec[k]["key"])
+        return keys
+
+    def _prune(self, losers: bool, staging: bool) -> dict:
         freed = {"blobs": 0, "tmp": 0, "staging": 0, "losers": 0}
         if losers:
             chosen = {(sel.get("source", {}).get("digest"), sel.get("task"), sel.get("chosen"))
                       for _, sel in self._jsons(self.cache.selections)}
+            keep = self.pinned()
             for p, v in self._jsons(self.cache.variants):
-                if (v["source"]["digest"], v["task"], v["variant"]) not in chosen:
+                if (v["source"]["digest"], v["task"], v["variant"]) not in chosen and v["key"] not in keep:
                     freed["losers"] += v.get("size_bytes", 0)
                     shutil.rmtree(self.cache.artifacts / v["key"], ignore_errors=True)
                     p.unlink(missing_ok=True)
-        now = time.time()
-        if self.cache.tmp.exists():
+        if self.cache.tmp.exists():  # no build is in progress while we hold the lock: all of it is stale
             for t in self.cache.tmp.iterdir():
-                if now - t.stat().st_mtime > 3600:  # older than any build in progress
-                    freed["tmp"] += _size(t)
-                    _rm(t)
+                freed["tmp"] += _size(t)
+                _rm(t)
         if staging and self.cache.staging.exists():
             for s in self.cache.staging.iterdir():
                 freed["staging"] += _size(s)

@@ -33,7 +33,7 @@ class EvalSettings:
     threads: int = 0  # 0 = all usable cores
     # The interleaved benchmark that picks the winner (model_store.bench).
     bench_top: int = 4  # candidates timed against each other (the best first-pass scores)
-    bench_min_rounds: int = 3
+    bench_min_rounds: int = 5
     bench_max_rounds: int = 15
     bench_cap_s: float = 60.0  # stop after this long even if the medians have not separated
     bench_min_trial_s: float = 0.2  # one trial repeats its run until it has lasted this long

@@ -26,9 +26,10 @@ from pathlib import Path
 from . import recipes as reg
 from .bench import choose, interleave, open_trial
 from .cache import Cache, os_error
+from .child import build_in_child
 from .convert import gguf_to_hf
 from .digest import HashCache, sha256_file, sha256_json
-from .errors import StoreError
+from .errors import StoreError, TransientError
 from .hardware import HardwareProfile, detect
 from .quality import EvalSettings, embed_sentences
 from .recipes import BuildContext, EvalContext, Recipe
@@ -152,14 +153,21 @@ class Reporter:
     @contextlib.contextmanager
     def step(self, what: str) -> Iterator[None]:
         t0 = time.perf_counter()
-        task = self.progress.add_task(what, total=1) if self.progress else None
+        task = self.begin(what, quiet=False)
         log.info("%s ...", what)
         try:
             yield
         finally:
-            if task is not None:
-                self.progress.update(task, completed=1)
+            self.end(task)
             log.info("%s: %.1f s", what, time.perf_counter() - t0)
+
+    def begin(self, what: str, quiet: bool = True):
+        """A progress line for a step that runs elsewhere (a build child, which logs its own lines)."""
+        return self.progress.add_task(what, total=1) if self.progress else None
+
+    def end(self, task) -> None:
+        if task is not None and self.progress:
+            self.progress.update(task, completed=1)
 
 
 class ModelStore:
@@ -189,6 +197,14 @@ class ModelStore:
         if task not in TASKS:
             raise StoreError(f"unknown task {task!r} (expected one of {', '.join(TASKS)})")
         variant = (variant or "auto").strip()
+        try:
+            with self.cache.shared():
+                return self._load(source, task, variant, progress, candidates, remeasure)
+        except OSError as exc:
+            raise os_error(exc, self.cache.root) from None
+
+    def _load(self, source: str, task: str, variant: str, progress: bool, candidates: Sequence[str] | None,
+              remeasure: bool) -> Artifact:
         try:
             src = self.resolve(source)
             hw = self.hardware
@@ -267,7 +283,10 @@ class ModelStore:
                 sel = None if remeasure else self._trusted(self.cache.read_json(spath), task)
                 if sel is None:
                     sel = self._select(src, task, hw, cands, skipped, skey, remeasure)
-                    self.cache.write_json(spath, sel)
+                    if any(x.get("transient") for x in sel["candidates"]):
+                        log.warning("%s: choice not recorded; a candidate failed for a passing reason", src.name)
+                    else:
+                        self.cache.write_json(spath, sel)
         winner = reg.get(sel["chosen"], task)
         vm = self._ensure_variant(src, winner, hw)
         self._record_ref(src, task, sel["chosen"], vm["key"], skey)
@@ -303,12 +322,18 @@ class ModelStore:
         for r in cands:
             try:
                 vm = ref_vm if r is ref else self._ensure_variant(src, r, hw)
+                fig = ref_fig if r is ref else self._measure(src, r, vm, hw, remeasure)
+            except (TransientError, OSError, MemoryError) as exc:
+                why = str(exc) or type(exc).__name__
+                rows.append({"variant": r.name, "passes": False, "transient": True, "reason": why,
+                             "verdict": f"not measured this time: {why} (tried again on the next load)"})
+                log.warning("variant %s: %s; tried again on the next load", r.name, why)
+                continue
             except StoreError as exc:
                 rows.append({"variant": r.name, "passes": False, "reason": f"build failed: {exc}",
                              "verdict": f"rejected: build failed: {exc}"})
                 log.warning("variant %s failed: %s", r.name, exc)
                 continue
-            fig = ref_fig if r is ref else self._measure(src, r, vm, hw, remeasure)
             row = {"variant": r.name, "key": vm["key"], "format": vm["format"], "params": vm["params"],
                    "size_bytes": vm["size_bytes"], "build_s": vm.get("build_s")}
             if "error" in fig:
@@ -439,7 +464,13 @@ class ModelStore:
                 if bad is None:
                     return m
                 self.cache.drop_variant(vkey, m["files"])
-            m = self._build(src, r, hw, vkey)
+            ref_dir = None
+            if not r.reference:
+                ref_dir = self.cache.artifacts / self._ensure_variant(src, reg.reference_for(r.task), hw)["key"]
+            if os.environ.get("FMGATE_BUILD_IN_PROCESS") == "1":  # debugging a recipe
+                m = self._build(src, r, hw, vkey, ref_dir)
+            else:
+                m = build_in_child(self, src, r, hw, vkey, ref_dir)
             self.cache.write_json(vpath, m)
             return m
 
@@ -484,13 +515,11 @@ class ModelStore:
             self._ref_emb[ref_key] = embed_sentences(self.cache.artifacts / ref_key, self._threads(hw))
         return self._ref_emb[ref_key]
 
-    def _build(self, src: Source, r: Recipe, hw: HardwareProfile, vkey: str) -> dict:
-        ref_dir = None
-        if not r.reference:
-            ref_m = self._ensure_variant(src, reg.reference_for(r.task), hw)
-            ref_dir = self.cache.artifacts / ref_m["key"]
+    def _build(self, src: Source, r: Recipe, hw: HardwareProfile, vkey: str, ref_dir: Path | None,
+               scratch: Path | None = None) -> dict:
+        """Build one variant here and now (model_store.child runs this in a child process)."""
         log.info("building variant %s of %s (%s)", r.name, src.name, src.digest[:19])
-        scratch = self.cache.scratch(f"build-{r.name}-")
+        scratch = scratch or self.cache.scratch(f"build-{r.name}-")
         out, work = scratch / "out", scratch / "work"
         out.mkdir()
         work.mkdir()
@@ -502,10 +531,10 @@ class ModelStore:
                 r.build(ctx)
             except StoreError:
                 raise
-            except OSError as exc:
-                if exc.errno is not None and exc.errno in (28, 30, 13):
-                    raise os_error(exc, self.cache.root) from None
-                raise StoreError(f"building {r.name} for {src.name} failed: {exc}") from exc
+            except (OSError, MemoryError) as exc:  # the machine's trouble, not the model's: try again next time
+                if isinstance(exc, OSError) and exc.errno in (28, 30, 13):
+                    raise TransientError(str(os_error(exc, self.cache.root))) from None
+                raise TransientError(f"building {r.name} for {src.name} failed: {type(exc).__name__}: {exc}") from exc
             except Exception as exc:  # noqa: BLE001 - any builder failure is one candidate lost
                 log.debug("build of %s failed", r.name, exc_info=True)
                 raise StoreError(f"building {r.name} for {src.name} failed: {type(exc).__name__}: {exc}") from exc
@@ -577,6 +606,8 @@ class ModelStore:
                "last": {"variant": variant, "key": vkey, "at": time.time()}}
         if skey:
             rec["chosen"] = {"variant": variant, "key": vkey}
+        else:  # asked for by name: `prune --losers` keeps it
+            rec["pinned"] = sorted({*old.get("pinned", []), vkey})
         if {k: v for k, v in rec.items() if k != "last"} != {k: v for k, v in old.items() if k != "last"} \
                 or old.get("last", {}).get("key") != vkey:
             with contextlib.suppress(StoreError):
