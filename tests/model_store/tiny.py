@@ -40,6 +40,36 @@ def tiny_llama(folder: Path) -> Path:
     return folder
 
 
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2")
+
+
+def tiny_causal(folder: Path, family: str) -> Path:
+    """A random-weight decoder of `family` with tiny_llama's tokenizer: for the family matrix."""
+    import torch
+    import transformers as tf
+
+    tiny_llama(folder)  # tokenizer files (and a llama, replaced below)
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    common = {"vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+              "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "tie_word_embeddings": True}
+    cfg, model = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
+    }[family]
+    extra = {"qwen3": {"head_dim": 16}, "gemma2": {"head_dim": 16}, "mistral": {"sliding_window": None},
+             "phi3": {"tie_word_embeddings": False, "original_max_position_embeddings": 512}}.get(family, {})
+    torch.manual_seed(0)
+    model(cfg(**(common | extra))).save_pretrained(folder)
+    return folder
+
+
 def tiny_bert(folder: Path) -> Path:
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers

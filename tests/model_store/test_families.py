@@ -1,0 +1,92 @@
+"""The family matrix (docs/model_store.md): tiny random-weight models of each family, from configs,
+through the whole pipeline (build in a child, measure, gate, choose) to an answer from the runner
+the gateway serves them with."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from model_store import ModelStore
+
+from .conftest import SMALL_EVAL
+from .tiny import tiny_bert, tiny_causal
+
+pytestmark = pytest.mark.slow
+
+
+def _answer(art, prompt: str = "The capital of France is", n: int = 6) -> tuple[list[int], str]:
+    """Greedy tokens from the served runner (gateway.engines.onnx_causal) on the built artifact."""
+    from tokenizers import Tokenizer
+
+    from gateway.engines.onnx_causal import OnnxCausalRunner
+
+    tok = Tokenizer.from_file(str(art.path / "tokenizer.json"))
+    runner = OnnxCausalRunner(art.path, capacity=1, max_seq_len=64, threads=1, prefix_cache_blocks=0)
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    logits = runner.prefill(0, ids)
+    out = []
+    for _ in range(n):
+        nxt = int(np.asarray(logits).argmax(-1))
+        out.append(nxt)
+        logits = runner.decode([0], [nxt])[0]
+    return out, tok.decode(out)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "phi3", "gemma2"])
+def test_causal_family_to_a_served_answer(family, tmp_path):
+    src = tiny_causal(tmp_path / family, family)
+    store = ModelStore(tmp_path / "home", eval_settings=SMALL_EVAL)
+    art = store.load(str(src), task="chat", variant="genai-fp32")  # one build: the matrix checks the family
+    assert art.format == "onnx-genai" and art.variant == "genai-fp32"
+    assert np.isfinite(art.quality["perplexity"]) and art.quality["perplexity_ratio"] == 1.0
+    tokens, text = _answer(art)
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    assert len(tokens) == 6 and all(0 <= t < vocab for t in tokens)
+    assert isinstance(text, str)
+    # Random weights answer nonsense, but the same nonsense as transformers does.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from model_store.quality import _tokenizer
+
+    ids = _tokenizer(art.path).encode("The capital of France is", add_special_tokens=False).ids
+    ref = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
+    with torch.no_grad():
+        first = int(ref(torch.tensor([ids])).logits[0, -1].argmax())
+    assert tokens[0] == first
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_xlm_roberta_encoder_pooling_from_sentence_transformers(pooling, tmp_path):
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    folder = tiny_bert(tmp_path / "xlmr")
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    XLMRobertaModel(XLMRobertaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=130, pad_token_id=0)
+                    ).save_pretrained(folder)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": pooling == "cls",
+         "pooling_mode_mean_tokens": pooling == "mean"}))
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if pooling == "cls":
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 96}))
+    art = ModelStore(tmp_path / "home", eval_settings=SMALL_EVAL).load(str(folder), task="embed")
+    meta = json.loads((art.path / "fmgate_encoder.json").read_text())
+    assert meta == {"pooling": pooling, "normalize": pooling == "cls", "dim": 32, "max_length": 96}
+    from gateway.engines.onnx_encoder import OnnxEncoderRunner
+
+    vec = OnnxEncoderRunner(art.path, threads=1).encode([[0, 5, 6, 7, 2]])
+    assert vec.shape == (1, 32) and np.isfinite(vec).all()
+    if pooling == "cls":
+        assert np.linalg.norm(vec[0]) == pytest.approx(1.0, abs=1e-4)
