@@ -112,3 +112,23 @@ def test_models_bench_remeasures_and_show_prints_spread(tmp_path, tiny_models, m
     shown = CliRunner().invoke(models_app, ["show", src, "--home", str(home)])
     assert shown.exit_code == 0, shown.output
     assert "±" in shown.output and "chosen" in shown.output and "tie margin" in shown.output
+
+
+def test_v1_models_card_shows_every_candidate(tmp_path, tiny_models):
+    """GET /v1/models: each model's card carries the store's verdict for every candidate."""
+    from types import SimpleNamespace
+
+    from gateway.api.models import _card
+
+    home = tmp_path / "home"
+    src = str(tiny_models["bert"])
+    art = ModelStore(home, eval_settings=SMALL_EVAL).load(src, task="embed")
+    served = SimpleNamespace(name="tiny", created=0, task="embed", variant=art.variant, quality=art.quality,
+                             engine=SimpleNamespace(dim=32), config=SimpleNamespace(source=src))
+    card = _card(served, home)
+    assert card["variant"] == art.variant and card["why"] == art.manifest["why"]
+    rows = {r["variant"]: r for r in card["candidates"]}
+    assert set(rows) == {r["variant"] for r in art.manifest["candidates"]}
+    assert rows[art.variant]["verdict"].startswith("chosen")
+    assert all(r["verdict"] for r in rows.values())
+    assert "candidates" not in _card(served, tmp_path / "elsewhere")  # no record: the plain card
