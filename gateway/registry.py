@@ -160,7 +160,13 @@ class Registry:
 
     def ready(self) -> bool:
         """/readyz: every `required` model has come up (a later idle unload does not count against it)."""
-        return all(s.loaded_once and s.state != "failed" for s in self.slots.values() if s.config.is_required)
+        return all(s.loaded_once and s.state != "failed" and self._engine_alive(s)
+                   for s in self.slots.values() if s.config.is_required)
+
+    @staticmethod
+    def _engine_alive(slot) -> bool:
+        """False once a loaded model's engine thread has died (its watchdog turned it unready)."""
+        return slot.served is None or getattr(slot.served.engine, "ready", True)
 
     def status(self) -> list[dict]:
         out = []

@@ -153,6 +153,19 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     quota_on_redis_error: Literal["closed", "open"] = "closed"
     workers: int = Field(1, ge=1)
+    quota_replicas: int = Field(1, ge=1, description="replicas sharing Redis; open mode's per-replica share while Redis is away")
+    # Models on demand and fair shares.
+    max_loaded_memory: int = Field(default_factory=lambda: default_memory_budget(),
+                                   description="bytes (or '4GiB') of loaded models; LRU idle ones unload first")
+    max_loaded_models: int = Field(0, ge=0, description="0 = no limit")
+    keep_alive: float = Field(300.0, description="default keep_alive (s) of on_demand models")
+    model_load_wait_s: float = Field(120.0, ge=0, description="a request waits this long for its model to load")
+    fairness: Literal["fair", "fcfs"] = Field("fair", description="admission across keys when work queues")
+
+    @field_validator("max_loaded_memory", mode="before")
+    @classmethod
+    def _bytes(cls, v: Any) -> Any:
+        return parse_bytes(v) if isinstance(v, str) else v
 
     @field_validator("home", mode="after")
     @classmethod
@@ -169,18 +182,6 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, YamlSource(settings_cls, init_settings, env_settings))
-    # Models on demand and fair shares.
-    max_loaded_memory: int = Field(default_factory=lambda: default_memory_budget(),
-                                   description="bytes (or '4GiB') of loaded models; LRU idle ones unload first")
-    max_loaded_models: int = Field(0, ge=0, description="0 = no limit")
-    keep_alive: float = Field(300.0, description="default keep_alive (s) of on_demand models")
-    model_load_wait_s: float = Field(120.0, ge=0, description="a request waits this long for its model to load")
-    fairness: Literal["fair", "fcfs"] = Field("fair", description="admission across keys when work queues")
-
-    @field_validator("max_loaded_memory", mode="before")
-    @classmethod
-    def _bytes(cls, v: Any) -> Any:
-        return parse_bytes(v) if isinstance(v, str) else v
 
 
 class YamlSource(PydanticBaseSettingsSource):

@@ -44,6 +44,7 @@ def test_a_dead_engine_thread_turns_the_model_unready_and_requests_into_503s(sta
         r = http.post("/v1/completions", json={"model": CHAT_MODEL, "prompt": "Hello", "max_tokens": 4})
         assert_openai_error(r, 503, "engine_unavailable")
         assert http.get("/healthz").status_code == 200  # the process is alive; the model is not
+        assert http.get("/readyz").status_code == 503
         text = http.get("/metrics").text
         assert sample(text, "fmgate_engine_up", CHAT_MODEL) == 0
         assert sample(text, "fmgate_engine_failures_total", CHAT_MODEL) == 1
