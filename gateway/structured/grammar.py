@@ -38,9 +38,10 @@ def allocate_bitmask(n: int, vocab_size: int) -> np.ndarray:
 class Constraint:
     """One sequence's grammar state. Not thread-safe: only the engine thread touches it."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, words: int):
+    def __init__(self, matcher: llguidance.LLMatcher, words: int, grammar: str = ""):
         self._m = matcher
         self._words = words
+        self.grammar = grammar  # its source, so another process can rebuild it (gateway/core)
 
     def fill_bitmask(self, bitmask: np.ndarray, row: int) -> None:
         """Allowed next tokens into bitmask[row]; words past the grammar's vocabulary are cleared."""
@@ -74,7 +75,7 @@ class ConstraintFactory:
         self.grammar = grammar
 
     def new(self) -> Constraint:
-        return Constraint(self._template.deep_copy(), self._words)
+        return Constraint(self._template.deep_copy(), self._words, self.grammar)
 
 
 def _eos_ids(engine) -> list[int]:
