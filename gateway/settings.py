@@ -153,6 +153,10 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     quota_on_redis_error: Literal["closed", "open"] = "closed"
     workers: int = Field(1, ge=1)
+    # Engine cores in their own processes (docs/processes.md); off: engines run in the API process.
+    engine_process: bool = Field(False, description="each chat model's scheduler and runner in its own process")
+    engine_cores: dict[str, str] = Field(default_factory=dict,
+                                         description="set by `fmgate serve`: chat model name -> its core's address")
     quota_replicas: int = Field(1, ge=1, description="replicas sharing Redis; open mode's per-replica share while Redis is away")
     # Models on demand and fair shares.
     max_loaded_memory: int = Field(default_factory=lambda: default_memory_budget(),
