@@ -428,6 +428,10 @@ class Registry:
         return served
 
     def _engine(self, cfg: ModelConfig, path: Path, fmt: str, variant: str, quality: dict) -> ServedModel:
+        if self.settings.engine_process and cfg.task == "chat":  # the engine runs in its core process
+            from .core.client import EngineClient
+
+            return ServedModel(cfg, EngineClient.connect(path, cfg, self.settings), variant, quality)
         threads = self.settings.threads
         if fmt == "onnx-genai":
             opts: dict[str, Any] = dict(max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len,
