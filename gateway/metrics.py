@@ -27,6 +27,8 @@ PROMPT_TOKENS = Counter("fmgate_prompt_tokens_total", "Prompt (input) tokens pro
 COMPLETION_TOKENS = Counter("fmgate_completion_tokens_total", "Completion (output) tokens generated", ["model"])
 QUEUE_DEPTH = Gauge("fmgate_queue_depth", "Requests waiting for a batch slot", ["model"])
 RUNNING_SEQS = Gauge("fmgate_running_sequences", "Sequences in the running batch", ["model"])
+PREEMPTIONS = Counter("fmgate_preemptions_total",
+                      "Sequences paused to give their batch slot to an under-share key (fair policy)", ["model"])
 BATCH_SIZE = Histogram(
     "fmgate_batch_size", "Sequences (or inputs) per engine step", ["model", "kind"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
