@@ -222,6 +222,8 @@ def _gguf_native_applies(hw: HardwareProfile, src: Source) -> tuple[bool, str]:
             raise AttributeError("no repack_gguf_weights()")
     except Exception as exc:  # noqa: BLE001
         return False, f"model_store.gguf_native is not usable ({type(exc).__name__}: {exc})"
+    if src.path is not None and callable(getattr(mod, "native_support", None)):
+        return mod.native_support(src.path)  # the block types and architecture it can re-pack
     return True, "GGUF source: serve its own quantized blocks"
 
 
