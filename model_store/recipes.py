@@ -132,7 +132,7 @@ def load_plugins() -> None:
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    for mod in ("model_store.recipes_cuda",):
+    for mod in ("model_store.recipes_cuda", "model_store.recipes_encoder"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
