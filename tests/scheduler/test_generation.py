@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 
@@ -107,14 +108,41 @@ def test_long_prompt_is_prefilled_in_chunks_without_changing_the_answer(engine, 
         whole.close()
 
 
-def test_stop_strings_are_not_leaked_in_stream(engine):
+def stop_inside(text: str, kind: str) -> str:
+    """A stop string taken from inside `text`, whose first occurrence has more text after it, so that only
+    the stop string (not EOS or max_tokens) can end a run there: `word` is a whole word, `fragment` five
+    characters from the middle, which usually straddle a token boundary."""
+    candidates: list[str]
+    if kind == "word":
+        candidates = re.findall(r"[A-Za-z]{4,}", text)[1:]  # not the first word: the cut text is not empty
+    else:
+        mid = len(text) // 2
+        candidates = [text[i:i + 5] for i in range(mid, max(len(text) - 8, mid))]
+    for stop in candidates:
+        at = text.index(stop)
+        if at > 0 and text[at + len(stop):].strip() and stop.strip():
+            return stop
+    raise AssertionError(f"no usable stop string inside {text!r}")
+
+
+STOP_PROMPT = [{"role": "system", "content": "You are a helpful assistant."},
+               {"role": "user", "content": "What is the capital of France? Answer in two sentences."}]
+
+
+@pytest.mark.parametrize("kind", ["word", "fragment"])
+def test_stop_string_cuts_the_text_and_is_not_leaked_in_stream(engine, kind):
+    prompt = engine.chat_prompt(STOP_PROMPT)
+    unstopped = list(engine.stream_sync(prompt, SamplingParams(max_tokens=40, temperature=0)))
+    full = "".join(e.text for e in unstopped)
+    stop = stop_inside(full, kind)
     events: list[Event] = list(engine.stream_sync(
-        engine.chat_prompt([{"role": "system", "content": "You are a helpful assistant."},
-                            {"role": "user", "content": "What is the capital of France?"}]),
-        SamplingParams(max_tokens=30, temperature=0, stop=["Paris"])))
+        prompt, SamplingParams(max_tokens=40, temperature=0, stop=["no such text ~~", stop])))
     text = "".join(e.text for e in events)
-    assert "Paris" not in text and "Pari" not in text[-4:]
+    # The unstopped run goes on past the stop string, so only the stop string can have ended this one here.
+    assert text == full[:full.index(stop)], (full, stop, text)
     assert events[-1].finish_reason == "stop"
+    assert not any(stop in e.text for e in events)
+    assert events[-1].completion_tokens < unstopped[-1].completion_tokens
 
 
 def test_fp32_reference_answers_the_bare_question(store_home):
