@@ -43,12 +43,77 @@ def test_unit_norm(engine):
     np.testing.assert_allclose(np.linalg.norm(engine.embed(TEXTS), axis=1), 1.0, atol=1e-5)
 
 
-def test_full_queue_is_refused(embed_artifact):
-    eng = EmbeddingEngine.from_dir(embed_artifact.path, "tiny", threads=2, max_queued=4)
+class _HeldRunner:
+    """The real encoder behind a gate: the first batch waits until released, so nothing leaves the queue
+    while the test fills it and the queue's length is then its maximum."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.dim = runner.dim
+        self.max_length = runner.max_length
+        self.gate = threading.Event()
+        self.started = threading.Event()
+
+    def encode(self, batch):
+        self.started.set()
+        self.gate.wait(120)
+        return self.runner.encode(batch)
+
+
+def test_concurrent_requests_over_the_bound_are_refused_and_the_queue_drains(embed_artifact):
+    bound, per_request, clients = 16, 3, 12  # 36 inputs asked for at once against a bound of 16
+    eng = EmbeddingEngine.from_dir(embed_artifact.path, "tiny", threads=2, max_queued=bound, max_batch_size=4,
+                                   max_wait_ms=0)
+    held = _HeldRunner(eng.batcher.runner)
+    eng.batcher.runner = held
     try:
-        with pytest.raises(Overloaded):
-            eng.batcher.submit([[101, 102]] * 5, lambda out, err: None)
+        with pytest.raises(Overloaded):  # one request alone over the bound
+            eng.batcher.submit([[101, 102]] * (bound + 1), lambda out, err: None)
+        first_done = threading.Event()
+        eng.batcher.submit(eng.tokenize(["hold the runner"]), lambda out, err: first_done.set())
+        assert held.started.wait(60)  # the runner holds its first batch: from here the queue only grows
+        texts = [[f"client {c} sentence {i} about rivers" for i in range(per_request)] for c in range(clients)]
+        ids = [eng.tokenize(t) for t in texts]
+        results: dict[int, np.ndarray] = {}
+        refused: dict[int, Overloaded] = {}
+        finished = threading.Semaphore(0)
+        barrier = threading.Barrier(clients)
+
+        def client(c):
+            def done(out, err):
+                assert err is None
+                results[c] = out.copy()
+                finished.release()
+
+            barrier.wait(30)
+            try:
+                eng.batcher.submit(ids[c], done)
+            except Overloaded as exc:
+                refused[c] = exc
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        accepted = clients - len(refused)
+        # Exactly the requests that fit were queued, whatever order they came in; the rest were refused
+        # with a Retry-After, and the queue (whose length cannot fall while the runner is held) stays bounded.
+        assert accepted == bound // per_request and len(refused) == clients - accepted
+        assert eng.batcher.busy == accepted * per_request <= bound
+        assert all(exc.retry_after >= 1 for exc in refused.values())
+        held.gate.set()
+        assert first_done.wait(60)
+        for _ in range(accepted):
+            assert finished.acquire(timeout=60), "an accepted request never finished"
+        assert eng.batcher.busy == 0
+        for c, vecs in results.items():  # each accepted request got its own inputs' vectors
+            alone = np.stack([eng.embed([t])[0] for t in texts[c]])
+            assert np.all(np.sum(vecs * alone, axis=1) > 1 - 1e-5)
+        # Drained, the whole bound is available again.
+        assert eng.embed(["again"] * bound).shape == (bound, eng.dim)
     finally:
+        held.gate.set()
         eng.close()
 
 
