@@ -33,6 +33,11 @@ def serve(
     max_loaded_models: int = typer.Option(None, help="At most this many loaded models, 0 = no limit "
                                           "[env FMGATE_MAX_LOADED_MODELS]"),
     fairness: str = typer.Option(None, help="Admission across keys: fair or fcfs [env FMGATE_FAIRNESS]"),
+    engine_process: bool = typer.Option(None, "--engine-process/--no-engine-process",
+                                        help="Run each chat model's engine core in its own process "
+                                        "(docs/processes.md) [env FMGATE_ENGINE_PROCESS, default off]"),
+    api_workers: int = typer.Option(None, help="API worker processes (same as --workers; more than 1 needs "
+                                    "FMGATE_REDIS_URL) [env FMGATE_WORKERS]"),
 ):
     """Serve the configured models (default: SmolLM2-135M-Instruct chat and all-MiniLM-L6-v2 embeddings).
 
@@ -56,8 +61,11 @@ def serve(
     """
     overrides = {k: v for k, v in dict(host=host, port=port, config=config, home=home, threads=threads,
                                        workers=workers, log_json=log_json, max_loaded_memory=max_loaded_memory,
-                                       max_loaded_models=max_loaded_models, fairness=fairness).items()
+                                       max_loaded_models=max_loaded_models, fairness=fairness,
+                                       engine_process=engine_process).items()
                  if v is not None}
+    if api_workers is not None:
+        overrides["workers"] = api_workers
     try:
         settings = Settings(**overrides)
     except Exception as exc:  # a bad config file or value: say what, no traceback
@@ -74,16 +82,23 @@ def serve(
     _run(settings)
 
 
+def _export(settings: Settings) -> None:
+    """Worker and core processes rebuild Settings from the same environment; pass CLI overrides that way."""
+    for field in ("host", "port", "config", "home", "threads", "log_json", "max_loaded_memory",
+                  "max_loaded_models", "fairness"):
+        value = getattr(settings, field)
+        if value is not None:
+            os.environ[f"FMGATE_{field.upper()}"] = str(value)
+
+
 def _run(settings: Settings) -> None:
     import uvicorn
 
+    if settings.engine_process:
+        _run_with_cores(settings)
+        return
     if settings.workers > 1:
-        # Each worker rebuilds Settings from the same environment; pass CLI overrides down that way.
-        for field in ("host", "port", "config", "home", "threads", "log_json", "max_loaded_memory",
-                      "max_loaded_models", "fairness"):
-            value = getattr(settings, field)
-            if value is not None:
-                os.environ[f"FMGATE_{field.upper()}"] = str(value)
+        _export(settings)
         uvicorn.run("gateway.app:create_app", factory=True, host=settings.host, port=settings.port,
                     workers=settings.workers, log_config=None,
                     timeout_graceful_shutdown=int(settings.shutdown_grace_s))
@@ -97,6 +112,52 @@ def _run(settings: Settings) -> None:
     server.run()
     if not server.started:
         sys.exit(1)
+
+
+def _run_with_cores(settings: Settings) -> None:
+    """Engine cores first (one process per chat model, see gateway/core), then the API process(es); at
+    the end the API drains first, then the cores, and every child is reaped."""
+    import json
+
+    import uvicorn
+
+    from .core.supervisor import Supervisor
+
+    _export(settings)
+    supervisor = Supervisor(settings)
+
+    def stop_loading(sig, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop_loading)  # a stop while the cores load still reaps them
+    try:
+        try:
+            cores = supervisor.start()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        settings.engine_cores = cores
+        os.environ["FMGATE_ENGINE_PROCESS"] = "true"
+        os.environ["FMGATE_ENGINE_CORES"] = json.dumps(cores)
+        log.info("engine cores up: %s", ", ".join(f"{k} (pid {supervisor.cores[k].proc.pid})" for k in cores)
+                 or "none")
+        if settings.workers > 1:
+            uvicorn.run("gateway.app:create_app", factory=True, host=settings.host, port=settings.port,
+                        workers=settings.workers, log_config=None, timeout_worker_healthcheck=60,
+                        timeout_graceful_shutdown=int(settings.shutdown_grace_s))
+            return
+        from .app import create_app
+
+        application = create_app(settings)
+        config = uvicorn.Config(application, host=settings.host, port=settings.port, log_config=None,
+                                timeout_graceful_shutdown=int(settings.shutdown_grace_s), lifespan="on")
+        server = _DrainingServer(config, application)
+        server.run()
+        if not server.started:
+            sys.exit(1)
+    except KeyboardInterrupt:
+        log.info("stopped while the engine cores were loading")
+    finally:
+        supervisor.stop(grace=settings.shutdown_grace_s)
 
 
 class _DrainingServer:

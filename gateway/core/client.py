@@ -1,0 +1,290 @@
+"""EngineClient: LLMEngine's async API in an API process, with the engine in its core process.
+
+Tokenization (chat_prompt, text_prompt), logprob token text and bytes, and grammar compilation (to check
+a schema and give a 400 early) stay here; the core gets token ids and SamplingParams, and a grammar as
+its text. One I/O thread per client owns the DEALER socket: it sends what the event loop queues, hands
+each step's outputs to the streams' asyncio queues (one call_soon_threadsafe per message), and watches
+the connection: when the core's process dies the socket disconnects at once, every stream in flight
+ends with an "engine_failed" error (a 503), `ready` turns False until the restarted core says Welcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from .. import metrics
+from ..engines.base import EngineError, EngineUnavailable, Overloaded, SamplingParams
+from ..engines.llm import LLMEngine
+from ..scheduler.generation import Event
+from . import wire
+
+log = logging.getLogger("fmgate.core.client")
+
+FAILED = "The engine for this model failed; retry later."
+
+
+class EngineClient(LLMEngine):
+    def __init__(self, name: str, address: str, tokenizer: Any, connect_timeout: float = 120.0):
+        self.name = name
+        self.address = address
+        self.tokenizer = tokenizer
+        self._ids = itertools.count(1)
+        self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
+        self._lock = threading.Lock()
+        self._welcomed = threading.Event()
+        self.up = False
+        self.runner: Any = None
+        self.scheduler: Any = None
+        self._io = _IO(self)
+        if not self._welcomed.wait(connect_timeout):
+            self._io.stop()
+            raise RuntimeError(f"the engine core of {name} at {address} did not answer in {connect_timeout:.0f}s")
+
+    @classmethod
+    def connect(cls, path: Path, cfg: Any, settings: Any) -> EngineClient:
+        address = settings.engine_cores.get(cfg.name)
+        if not address:
+            raise RuntimeError(f"no engine core runs for {cfg.name}: engine_process needs `fmgate serve` to start "
+                               "the cores (models added at run time are not served in this mode)")
+        from transformers import AutoTokenizer
+
+        return cls(cfg.name, address, AutoTokenizer.from_pretrained(path))
+
+    @property
+    def ready(self) -> bool:
+        return self.up
+
+    # -- generation --
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams, sink) -> Any:
+        raise NotImplementedError("EngineClient serves the async API (stream, stream_many) only")
+
+    async def stream_many(self, requests: Sequence[tuple[Sequence[int], SamplingParams]],
+                          ) -> AsyncIterator[tuple[int, Event]]:
+        """As LLMEngine.stream_many: refusals raise before the first event; closing cancels in the core."""
+        items = [wire.Item(next(self._ids), [int(t) for t in p], wire.params_out(sp)) for p, sp in requests]
+        if not self.up:
+            raise EngineUnavailable(f"The engine for {self.name} is not available; retry later.", retry_after=5)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        rids = [it.rid for it in items]
+        with self._lock:
+            for i, rid in enumerate(rids):
+                self._streams[rid] = (loop, q, i)
+        self._io.send(wire.Submit(items))
+        left = len(items)
+        try:
+            while left:
+                item = await q.get()
+                if isinstance(item, wire.Refused):
+                    left = 0
+                    raise _refusal(item)
+                i, ev = item
+                if ev.finish_reason is not None:
+                    left -= 1
+                yield i, ev
+        finally:
+            with self._lock:
+                open_ = [rid for rid in rids if self._streams.pop(rid, None) is not None]
+            if open_:
+                self._io.send(wire.Abort(open_))
+
+    def close(self) -> None:
+        self._io.stop()
+        self._fail_all("abort", None, None)
+
+    # -- called by the I/O thread --
+
+    def _deliver(self, outs: list[wire.Out]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            for o in outs:
+                entry = self._streams.get(o.rid)
+                if entry is None:
+                    continue  # closed by its consumer; its Abort is on the way
+                if o.finish_reason is not None:
+                    del self._streams[o.rid]
+                loop, q, i = entry
+                by_loop.setdefault(loop, []).append((q, (i, wire.event_in(o))))
+        for loop, batch in by_loop.items():
+            _post(loop, batch)
+
+    def _refused(self, r: wire.Refused) -> None:
+        with self._lock:
+            entries = [self._streams.pop(rid, None) for rid in r.rids]
+        first = next((e for e in entries if e is not None), None)
+        if first is not None:
+            _post(first[0], [(first[1], r)])
+
+    def _fail_all(self, reason: str, error: str | None, code: str | None) -> None:
+        with self._lock:
+            entries, self._streams = list(self._streams.values()), {}
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for loop, q, i in entries:
+            ev = Event(finish_reason=reason, error=error, error_code=code)
+            by_loop.setdefault(loop, []).append((q, (i, ev)))
+        for loop, batch in by_loop.items():
+            _post(loop, batch)
+
+    def _welcome(self, w: wire.Welcome) -> None:
+        self.runner = SimpleNamespace(vocab_size=w.vocab_size, max_seq_len=w.max_seq_len, capacity=w.capacity,
+                                      device=w.device, prompt_logits=w.prompt_logits)
+        self.scheduler = SimpleNamespace(eos=frozenset(w.eos), alive=True)
+        if not self.up:
+            log.info("engine core of %s is up (pid %d)", self.name, w.pid)
+        self.up = True
+        metrics.ENGINE_UP.labels(self.name).set(1)
+        self._welcomed.set()
+
+    def _lost(self) -> None:
+        if self.up:
+            log.error("engine core of %s is gone; the model is unavailable until it restarts", self.name)
+            metrics.ENGINE_FAILURES.labels(self.name).inc()
+        self.up = False
+        metrics.ENGINE_UP.labels(self.name).set(0)
+        self._fail_all("error", FAILED, "engine_failed")
+
+
+def _post(loop: asyncio.AbstractEventLoop, batch: list) -> None:
+    try:
+        loop.call_soon_threadsafe(_put_all, batch)
+    except RuntimeError:  # that loop is closed: nobody waits on those queues any more
+        pass
+
+
+def _put_all(batch: list) -> None:
+    for q, item in batch:
+        q.put_nowait(item)
+
+
+def _refusal(r: wire.Refused) -> Exception:
+    if r.kind == "engine_error":
+        return EngineError(r.message, param=r.param, code=r.code)
+    if r.kind == "overloaded":
+        return Overloaded(r.message, retry_after=r.retry_after)
+    return EngineUnavailable(r.message, retry_after=r.retry_after or 5)
+
+
+class _IO:
+    """The client's socket thread."""
+
+    def __init__(self, client: EngineClient):
+        self.client = client
+        self.ctx = zmq.Context()
+        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._wake_addr = f"inproc://fmgate-client-{uuid.uuid4().hex}"
+        self._wake_pull = self.ctx.socket(zmq.PULL)
+        self._wake_pull.bind(self._wake_addr)
+        self._wake_push = self.ctx.socket(zmq.PUSH)
+        self._wake_push.setsockopt(zmq.LINGER, 0)
+        self._wake_push.connect(self._wake_addr)
+        self._push_lock = threading.Lock()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._main, name=f"core-client-{client.name}", daemon=True)
+        self._thread.start()
+
+    def send(self, msg: Any) -> None:
+        self._outbox.put(msg)
+        with self._push_lock:
+            if not self._stopping:
+                self._wake_push.send(b"", copy=False)
+
+    def stop(self) -> None:
+        with self._push_lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._wake_push.send(b"", copy=False)
+        self._thread.join(timeout=10)
+        with self._push_lock:
+            self._wake_push.close()
+        if not self._thread.is_alive():
+            self.ctx.term()
+
+    def _main(self) -> None:
+        c = self.client
+        dealer = self.ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IDENTITY, f"{os.getpid()}-{uuid.uuid4().hex[:12]}".encode())
+        dealer.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for a core that is not there
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.SNDHWM, 0)
+        dealer.setsockopt(zmq.RCVHWM, 0)
+        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        dealer.connect(c.address)
+        poller = zmq.Poller()
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        poller.register(self._wake_pull, zmq.POLLIN)
+        hello = wire.encoder.encode(wire.Hello(os.getpid()))
+        next_hello = 0.0
+        try:
+            while not self._stopping:
+                ready = dict(poller.poll(200))
+                if monitor in ready:
+                    while True:
+                        try:
+                            ev = recv_monitor_message(monitor, zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        if ev["event"] == zmq.EVENT_DISCONNECTED:
+                            c._lost()
+                            next_hello = 0.0
+                        elif ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                            next_hello = 0.0
+                if dealer in ready:
+                    while True:
+                        try:
+                            payload = dealer.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        msg = wire.from_core.decode(payload)
+                        if isinstance(msg, wire.Outputs):
+                            c._deliver(msg.outs)
+                        elif isinstance(msg, wire.Refused):
+                            c._refused(msg)
+                        elif isinstance(msg, wire.Welcome):
+                            c._welcome(msg)
+                if self._wake_pull in ready:
+                    while True:
+                        try:
+                            self._wake_pull.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                while True:
+                    try:
+                        msg = self._outbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    try:
+                        dealer.send(wire.encoder.encode(msg), zmq.NOBLOCK)
+                    except zmq.Again:  # no core connected
+                        if isinstance(msg, wire.Submit):
+                            c._refused(wire.Refused([it.rid for it in msg.items], "unavailable",
+                                                    f"The engine for {c.name} is not available; retry later.", 5))
+                if not c.up and time.monotonic() >= next_hello:
+                    next_hello = time.monotonic() + 0.5
+                    try:
+                        dealer.send(hello, zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
+        finally:
+            dealer.disable_monitor()
+            monitor.close(0)
+            dealer.close(0)
+            self._wake_pull.close(0)
