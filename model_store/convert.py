@@ -15,6 +15,8 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from .errors import StoreError
 
 log = logging.getLogger("fmgate.model_store")
@@ -70,11 +72,62 @@ def _fast_gguf() -> Iterator[None]:
         metas.clear()
 
 
+# Architectures transformers reads from GGUF but that are not chat decoders the store builds.
+_NOT_CAUSAL = {"general", "tokenizer", "t5", "umt5"}
+
+
+def check_gguf_servable(gguf_path: Path) -> dict[str, str]:
+    """Fail at load time, naming the problem, for a GGUF this store cannot dequantize: an
+    architecture transformers has no GGUF mapping for, or a block type gguf-py cannot dequantize.
+    Returns {tensor type: how it is served} for the weights."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    from .gguf_native import NATIVE_TYPES, gguf_summary
+
+    try:
+        arch, tensors = gguf_summary(gguf_path)
+    except StoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a truncated header fails anywhere in the parse
+        raise StoreError(f"{gguf_path.name}: cannot read the GGUF header ({type(exc).__name__}); "
+                         "the file is corrupt or truncated") from None
+    causal = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - _NOT_CAUSAL)
+    if arch not in causal:
+        raise StoreError(f"{gguf_path.name}: GGUF architecture {arch!r} is not supported "
+                         f"(supported: {', '.join(causal)})")
+    served: dict[str, str] = {}
+    for name, (ttype, _) in sorted(tensors.items()):
+        if ttype in served:
+            continue
+        try:
+            qtype = gguf.GGMLQuantizationType[ttype]
+            if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                block, size = gguf.GGML_QUANT_SIZES[qtype]
+                gguf.quants.dequantize(np.zeros((1, size), np.uint8), qtype)
+        except (KeyError, NotImplementedError):
+            raise StoreError(f"{gguf_path.name}: tensor {name} is {ttype}, a GGUF block type that gguf "
+                             f"{_version('gguf')} cannot dequantize, so this file cannot be served; use a "
+                             "file quantized as Q4_0, Q4_1, Q4_K_M, Q5_K_M, Q6_K, Q8_0 or F16") from None
+        served[ttype] = "native" if ttype in NATIVE_TYPES else "dequantized"
+    return served
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
 def gguf_to_hf(gguf_path: Path, out: Path) -> None:
     """Dequantize a GGUF into a transformers folder at `out` (fp32 safetensors + fixed tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_servable(gguf_path)
     try:
         with _fast_gguf():
             tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)

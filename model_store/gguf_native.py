@@ -13,6 +13,15 @@ GGUF's blocks, so the ONNX model multiplies by exactly the weights llama.cpp use
   kernel only exists for accuracy_level 4; for the fp32 levels the byte is split into two 4-bit
   halves (16*d*hi + d*lo) over a doubled K. The tied embedding becomes a GatherBlockQuantized
   over the same bytes.
+* Q4_K (256-blocks of eight 32-sub-blocks, w = d*sc*q - dmin*m): per sub-block that is Q4_1's
+  form, scale d*sc and offset -dmin*m, so the same 4-bit path with the offset term.
+* Q5_K (as Q4_K with 5-bit q) and Q6_K (sixteen 16-sub-blocks, w = d*sc*(q-32)): 8-bit
+  MatMulNBits codes (q+128, q+96) with block_size 32 and 16; Q5_K adds the offset term.
+* A fused projection whose parts differ (Q4_K_M's Q4_K q/k beside a Q6_K v) takes the widest
+  form of its parts (8-bit, the smallest block; a 4-bit code q becomes q+120, scales repeat): still
+  exact, only larger.
+Other types (Q5_0/1, Q2_K, Q3_K, IQ*, F16, BF16) are not re-packed: `native_support` says so, and
+the store serves them from the dequantized transformers folder (fp32, or re-quantized by genai).
 
 GGUF stores each 32-block as 16 bytes with elements 0-15 in the low nibbles and 16-31 in the high
 ones; MatMulNBits packs consecutive pairs (low, high). llama's Q/K rows are permuted by the GGUF
@@ -59,44 +68,69 @@ _PROJ = {
 }
 
 
+# GGUF block types re-packed here, each decoded to unsigned codes u with one scale d (and offset c)
+# per block: w = d*(u - z) + c, z = 8 for 4-bit codes, 128 for 8-bit ones.
+NATIVE_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+
+
 @dataclass
 class _Blocks:
     """One weight [rows, K] as GGUF blocks, decoded but not dequantized."""
 
-    kind: str  # "q4" (w = d*(q-8) + c) or "q8" (w = d*q)
-    q: np.ndarray  # q4: uint8 [R, K] in 0..15; q8: int8 [R, K]
-    d: np.ndarray  # float32 [R, K/32]
-    c: np.ndarray | None = None  # q4 only: float32 [R, K/32] per-block offset, None when all zero
+    q: np.ndarray  # uint8 codes [R, K]: 0..15 when bits == 4, 0..255 when bits == 8
+    d: np.ndarray  # float32 [R, K/bs]
+    c: np.ndarray | None = None  # float32 [R, K/bs] per-block offset, None when all zero
+    bits: int = 4
+    bs: int = BLOCK
+
+    @property
+    def zero(self) -> int:
+        return 8 if self.bits == 4 else 128
 
     def rows(self, idx: np.ndarray) -> _Blocks:
-        return _Blocks(self.kind, self.q[idx], self.d[idx], None if self.c is None else self.c[idx])
+        return _Blocks(self.q[idx], self.d[idx], None if self.c is None else self.c[idx], self.bits, self.bs)
 
     def dequantize(self) -> np.ndarray:
         r, k = self.q.shape
-        q = self.q.astype(np.float32).reshape(r, -1, BLOCK)
-        if self.kind == "q8":
-            return (q * self.d[..., None]).reshape(r, k)
-        w = (q - 8) * self.d[..., None]
+        w = (self.q.astype(np.float32).reshape(r, -1, self.bs) - self.zero) * self.d[..., None]
         return (w if self.c is None else w + self.c[..., None]).reshape(r, k)
+
+    def widen(self, bits: int, bs: int) -> _Blocks:
+        """The same weights as `bits`-bit codes in blocks of `bs` (≤ ours): exact, only bigger."""
+        q, d, c = self.q, self.d, self.c
+        if bits == 8 and self.bits == 4:
+            q = (q + 120).astype(np.uint8)  # u - 128 == q - 8
+        if bs != self.bs:
+            d = np.repeat(d, self.bs // bs, axis=1)
+            c = None if c is None else np.repeat(c, self.bs // bs, axis=1)
+        return _Blocks(q, d, c, bits, bs)
 
     @staticmethod
     def concat(parts: list[_Blocks]) -> _Blocks:
-        kinds = {p.kind for p in parts}
-        if len(kinds) != 1:
-            raise StoreError(f"fused projection mixes GGUF block types {sorted(kinds)}; not supported")
+        """Rows of several tensors (a fused projection), in a form that holds each of them exactly."""
+        bits, bs = max(p.bits for p in parts), min(p.bs for p in parts)
+        parts = [p.widen(bits, bs) for p in parts]
         cs = None
         if any(p.c is not None for p in parts):
             cs = np.concatenate([np.zeros_like(p.d) if p.c is None else p.c for p in parts])
-        return _Blocks(parts[0].kind, np.concatenate([p.q for p in parts]),
-                       np.concatenate([p.d for p in parts]), cs)
+        return _Blocks(np.concatenate([p.q for p in parts]), np.concatenate([p.d for p in parts]), cs, bits, bs)
 
 
 def _fp16(raw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
 
 
+def _k_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: the eight 6-bit (scale, min) codes of each 256-block from their 12 bytes."""
+    b = raw.astype(np.uint8)
+    d, m, md = b[..., 0:4], b[..., 4:8], b[..., 8:12]
+    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
 def _decode(tensor) -> _Blocks:
-    """Split a GGUF tensor's raw blocks into quantized values and per-block constants."""
+    """Split a GGUF tensor's raw blocks into codes and per-block constants (see NATIVE_TYPES)."""
     kind = tensor.tensor_type.name
     rows = int(tensor.shape[-1]) if len(tensor.shape) > 1 else 1
     raw = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, -1)
@@ -108,13 +142,116 @@ def _decode(tensor) -> _Blocks:
         q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, -1)
         d = _fp16(raw[..., 0:2])
         if kind == "Q4_0":
-            return _Blocks("q4", q, d)
+            return _Blocks(q, d)
         # d*q + m == d*(q-8) + (m + 8d): keeps the default zero point 8, and the offset small.
-        return _Blocks("q4", q, d, _fp16(raw[..., 2:4]) + 8.0 * d)
+        return _Blocks(q, d, _fp16(raw[..., 2:4]) + 8.0 * d)
     if kind == "Q8_0":
         raw = raw.reshape(rows, -1, 34)
-        return _Blocks("q8", raw[..., 2:].copy().view(np.int8).reshape(rows, -1), _fp16(raw[..., 0:2]))
-    raise StoreError(f"GGUF tensor {tensor.name} is {kind}; only Q4_0, Q4_1 and Q8_0 re-pack losslessly")
+        q = (raw[..., 2:].copy().view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        return _Blocks(q.reshape(rows, -1), _fp16(raw[..., 0:2]), None, 8)
+    if kind in ("Q4_K", "Q5_K"):
+        # 256-blocks of eight 32-sub-blocks: w = (d*sc)*q - dmin*m per sub-block.
+        size = 144 if kind == "Q4_K" else 176
+        raw = raw.reshape(rows, -1, size)
+        n = raw.shape[1]
+        d, dmin = _fp16(raw[..., 0:2]), _fp16(raw[..., 2:4])
+        sc, mn = _k_scales(raw[..., 4:16])
+        qs = raw[..., size - 128:].reshape(rows, n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)
+        q = (qs & 0x0F).reshape(rows, n, 8, 32)
+        scale = (d[..., None] * sc).reshape(rows, -1)
+        offset = -(dmin[..., None] * mn).reshape(rows, -1)
+        if kind == "Q4_K":
+            return _Blocks(q.reshape(rows, -1), scale, offset + 8.0 * scale)
+        qh = raw[..., 16:48].reshape(rows, n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)
+        q = q | ((qh & 1) << 4)
+        return _Blocks((q.astype(np.int16) + 128).astype(np.uint8).reshape(rows, -1), scale, offset, 8)
+    if kind == "Q6_K":
+        # 256-blocks of sixteen 16-sub-blocks: w = (d*sc)*(q - 32), q 6-bit.
+        raw = raw.reshape(rows, -1, 210)
+        n = raw.shape[1]
+        ql = raw[..., 0:128].reshape(rows, n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)
+        ql = (ql & 0x0F).reshape(rows, n, 8, 32)
+        qh = raw[..., 128:192].reshape(rows, n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
+        qh = (qh & 0x03).reshape(rows, n, 8, 32)
+        q = (ql | (qh << 4)).astype(np.int16) + 96  # u - 128 == q - 32
+        scale = _fp16(raw[..., 208:210])[..., None] * raw[..., 192:208].copy().view(np.int8).astype(np.float32)
+        return _Blocks(q.astype(np.uint8).reshape(rows, -1), scale.reshape(rows, -1), None, 8, 16)
+    raise StoreError(f"GGUF tensor {tensor.name} is {kind}; only {', '.join(NATIVE_TYPES)} re-pack losslessly")
+
+
+_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type → bytes
+
+
+def gguf_summary(gguf_path: Path) -> tuple[str | None, dict[str, tuple[str, int]]]:
+    """(general.architecture, {tensor: (type name, n_dims)}) from the header alone.
+
+    GGUFReader decodes every metadata array (3.6 s for SmolLM2's vocabulary); this skips them."""
+    import mmap
+    import struct
+
+    from gguf import GGMLQuantizationType
+
+    with open(gguf_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[:4] != b"GGUF":
+            raise StoreError(f"{Path(gguf_path).name}: not a GGUF file")
+        n_tensors, n_kv = struct.unpack_from("<QQ", mm, 8)
+        pos, arch = 24, None
+
+        def string(at: int) -> tuple[str, int]:
+            (n,) = struct.unpack_from("<Q", mm, at)
+            return mm[at + 8:at + 8 + n].decode("utf-8", "replace"), at + 8 + n
+
+        def skip(at: int, vtype: int) -> int:
+            if vtype == 8:
+                (n,) = struct.unpack_from("<Q", mm, at)
+                return at + 8 + n
+            if vtype == 9:
+                etype, count = struct.unpack_from("<IQ", mm, at)
+                at += 12
+                if etype in _SCALAR:
+                    return at + count * _SCALAR[etype]
+                for _ in range(count):
+                    at = skip(at, etype)
+                return at
+            return at + _SCALAR[vtype]
+
+        for _ in range(n_kv):
+            key, pos = string(pos)
+            (vtype,) = struct.unpack_from("<I", mm, pos)
+            pos += 4
+            if key == "general.architecture" and vtype == 8:
+                arch, pos = string(pos)
+            else:
+                pos = skip(pos, vtype)
+        tensors = {}
+        for _ in range(n_tensors):
+            name, pos = string(pos)
+            (ndims,) = struct.unpack_from("<I", mm, pos)
+            pos += 4 + 8 * ndims
+            (ttype,) = struct.unpack_from("<I", mm, pos)
+            pos += 12  # type, offset
+            try:
+                tname = GGMLQuantizationType(ttype).name
+            except ValueError:
+                tname = f"type {ttype}"
+            tensors[name] = (tname, ndims)
+    return arch, tensors
+
+
+def native_support(gguf_path: Path) -> tuple[bool, str]:
+    """Whether `repack_gguf_weights` can serve this GGUF's own blocks: (ok, why) for `applies`."""
+    try:
+        arch, tensors = gguf_summary(gguf_path)
+    except (OSError, ValueError, IndexError, KeyError, __import__("struct").error) as exc:
+        return False, f"cannot read the GGUF header ({type(exc).__name__}: {exc})"
+    if arch != "llama":
+        return False, f"GGUF architecture {arch!r}: only llama GGUFs are re-packed"
+    weights = {t for t, nd in tensors.values() if nd > 1}
+    other = sorted(weights - set(NATIVE_TYPES))
+    if other:
+        return False, (f"GGUF weights of type {', '.join(other)}: only {', '.join(NATIVE_TYPES)} are served "
+                       "natively (this file is dequantized and built like a transformers folder)")
+    return True, f"GGUF source ({', '.join(sorted(weights))}): serve its own quantized blocks"
 
 
 def _unpermute(rows: int, heads: int) -> np.ndarray:
@@ -264,7 +401,7 @@ def repack_gguf_weights(gguf_path: Path, model_dir: Path, accuracy_level: int | 
     g = _Graph(model)
     summary: dict[str, Any] = {"gguf": gguf_path.name, "repacked": 0, "corrections": 0, "tensors": {}}
     levels: set[int] = set()
-    blocksums: dict[tuple[str, int], str] = {}  # (activation, K) → its per-block sums
+    blocksums: dict[tuple[str, int, int], str] = {}  # (activation, K, block) → its per-block sums
     head_q8: str | None = None  # lm_head's 8-bit B when it is the tied Q8_0 token_embd
 
     for pos, node in enumerate(g.g.node):
@@ -287,44 +424,47 @@ def repack_gguf_weights(gguf_path: Path, model_dir: Path, accuracy_level: int | 
         _check_close(node.name, _old_int4(g, node, sample), w.rows(sample).dequantize())
         acc = int(_attr(node, "accuracy_level", 0) if accuracy_level is None else accuracy_level)
         levels.add(acc)
-        nb, scales, a_in = k // BLOCK, node.input[2], node.input[0]
+        bs, scales, a_in = w.bs, node.input[2], node.input[0]
+        nb = k // bs
         inputs = [a_in, b_name, scales]
 
-        if w.kind == "q4":
-            g.set(b_name, _pack_nibbles(w.q).reshape(n, nb, BLOCK // 2))
+        if w.bits == 4:
+            g.set(b_name, _pack_nibbles(w.q).reshape(n, nb, bs // 2))
             g.set(scales, w.d)
-            _set_attrs(node, accuracy_level=acc)
+            _set_attrs(node, block_size=bs, accuracy_level=acc)
         elif acc == 4:
-            # Q8_0 → 8-bit MatMulNBits: q+128 with the default zero point 128.
-            g.set(b_name, (w.q.astype(np.int16) + 128).astype(np.uint8).reshape(n, nb, BLOCK))
+            # 8-bit codes (Q8_0, Q5_K, Q6_K, or a mix) → 8-bit MatMulNBits with the default zero point 128.
+            g.set(b_name, w.q.reshape(n, nb, bs))
             g.set(scales, w.d)
-            _set_attrs(node, bits=8, accuracy_level=acc)
-            head_q8 = b_name if sources == ["token_embd.weight"] else None
+            _set_attrs(node, bits=8, block_size=bs, accuracy_level=acc)
+            tied_q8 = sources == ["token_embd.weight"] and tensors[sources[0]].tensor_type.name == "Q8_0"
+            head_q8 = b_name if tied_q8 else None
         else:
-            # No fp32-compute 8-bit kernel on CPU (it dequantizes per call): d*q = 16d*hi + d*lo,
+            # No fp32-compute 8-bit kernel on CPU (it dequantizes per call): d*(u-128) = 16d*(hi-8) + d*lo,
             # as one 4-bit MatMulNBits over [x, x] with K doubled and zero points 8 | 0.
-            hi = ((w.q.astype(np.int16) >> 4) + 8).astype(np.uint8)
-            lo = (w.q.astype(np.int16) & 0x0F).astype(np.uint8)
-            g.set(b_name, _pack_nibbles(np.concatenate([hi, lo], axis=1)).reshape(n, 2 * nb, BLOCK // 2))
+            signed = w.q.astype(np.int16) - 128
+            hi = ((signed >> 4) + 8).astype(np.uint8)
+            lo = (signed & 0x0F).astype(np.uint8)
+            g.set(b_name, _pack_nibbles(np.concatenate([hi, lo], axis=1)).reshape(n, 2 * nb, bs // 2))
             g.set(scales, np.concatenate([16.0 * w.d, w.d], axis=1))
             zp = np.concatenate([np.full((n, nb), 8, np.uint8), np.zeros((n, nb), np.uint8)], axis=1)
             zp_name = g.set(b_name.replace(".weight_Q4", ".gguf_zero_points"), _pack_nibbles(zp))
             doubled = g.add(g.before, pos, "Concat", [a_in, a_in], g.name(node.name + "/A2"), axis=-1)
             inputs = [doubled, b_name, scales, zp_name]
-            _set_attrs(node, K=2 * k, accuracy_level=acc)
+            _set_attrs(node, K=2 * k, block_size=bs, accuracy_level=acc)
         del node.input[:]
         node.input.extend(inputs)
 
         if w.c is not None:
-            # Q4_1's offset: y += (per-block sums of x) · c, an fp32 MatMul over K/32 columns.
-            if (a_in, k) not in blocksums:
-                ind = g.set(f"gguf_native.blocksum_{k}",
-                            np.kron(np.eye(nb, dtype=np.float32), np.ones((BLOCK, 1), np.float32)))  # [K, nb]
-                blocksums[a_in, k] = g.add(g.before, pos, "MatMul", [a_in, ind],
-                                           g.name(a_in.rsplit("/", 1)[0] + "/blocksum"))
+            # Q4_1/Q4_K/Q5_K's offset: y += (per-block sums of x) · c, an fp32 MatMul over K/bs columns.
+            if (a_in, k, bs) not in blocksums:
+                ind = g.set(f"gguf_native.blocksum_{k}_{bs}",
+                            np.kron(np.eye(nb, dtype=np.float32), np.ones((bs, 1), np.float32)))  # [K, nb]
+                blocksums[a_in, k, bs] = g.add(g.before, pos, "MatMul", [a_in, ind],
+                                               g.name(a_in.rsplit("/", 1)[0] + "/blocksum"))
             offset = g.set(b_name.replace(".weight_Q4", ".gguf_offset"), w.c.T)
             out, node.output[0] = node.output[0], g.name(node.name + "/main")
-            corr = g.add(g.after, pos, "MatMul", [blocksums[a_in, k], offset], g.name(node.name + "/offset"))
+            corr = g.add(g.after, pos, "MatMul", [blocksums[a_in, k, bs], offset], g.name(node.name + "/offset"))
             g.add(g.after, pos, "Add", [node.output[0], corr], out)
             summary["corrections"] += 1
         summary["repacked"] += 1
@@ -358,8 +498,7 @@ def _replace_embedding(g: _Graph, table: Any, blocks: Callable[[str], _Blocks], 
         g.add(g.before, pos, "Gather", [weight, node.input[1]], node.output[0])
         return f"{table.tensor_type.name} → fp32 Gather"
     nb, w = hidden // BLOCK, blocks("token_embd.weight")
-    data = head_q8 or g.set("model.embed_tokens.weight_Q8",
-                            (w.q.astype(np.int16) + 128).astype(np.uint8).reshape(vocab, nb, BLOCK))
+    data = head_q8 or g.set("model.embed_tokens.weight_Q8", w.q.reshape(vocab, nb, BLOCK))
     scales = g.set("model.embed_tokens.scales_Q8", w.d.reshape(vocab, nb, 1))
     shape = g.set("gguf_native.embed_shape", np.array([0, 0, hidden], np.int64))
     # [batch, seq, blocks, 32] (quantized along the last axis, like lm_head's B), then back to hidden.

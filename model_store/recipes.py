@@ -320,14 +320,11 @@ def _ort_quantize(ctx: BuildContext, export: Path, per_channel: bool, ops: list[
 
 def _encoder_meta(hf: Path) -> dict:
     cfg = json.loads((hf / "config.json").read_text())
-    pooling, normalize, max_length = "mean", True, None
-    pool_cfg = hf / "1_Pooling" / "config.json"
-    if pool_cfg.exists():
-        p = json.loads(pool_cfg.read_text())
-        pooling = "cls" if p.get("pooling_mode_cls_token") and not p.get("pooling_mode_mean_tokens") else "mean"
-    modules = hf / "modules.json"
-    if modules.exists():
-        normalize = any("Normalize" in m.get("type", "") for m in json.loads(modules.read_text()))
+    from .sources import sentence_transformers_pooling
+
+    max_length = None
+    pooling, normalize = sentence_transformers_pooling(hf)  # modules.json + the Pooling module's config
+    pooling, normalize = pooling or "mean", True if normalize is None else normalize
     sbert = hf / "sentence_bert_config.json"
     if sbert.exists():
         max_length = json.loads(sbert.read_text()).get("max_seq_length")

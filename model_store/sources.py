@@ -6,6 +6,7 @@ what the cache keys on; the files themselves are only needed when something has 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -87,7 +88,71 @@ def _local(ref: str, p: Path, hashes: HashCache, kind: str | None = None, name: 
         if len(ggufs) == 1:
             return _local(ref, ggufs[0], hashes, kind, name)
         raise StoreError(f"model folder {ref!r} has no config.json (not a Hugging Face model folder)")
+    check_architecture(p, ref)
     return Source(ref, kind or "folder", name or p.name, folder_digest(p, hashes), "hf", p)
+
+
+def _transformers_knows(model_type: str) -> bool:
+    """Whether transformers has built-in modelling code for `model_type`, cheaply: its models/<type>
+    folder, and only when that is absent the config registry (importing it costs seconds)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("transformers")
+    if spec and spec.origin and (Path(spec.origin).parent / "models" / model_type.replace("-", "_")).is_dir():
+        return True
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except ImportError:
+        return False
+    return model_type in CONFIG_MAPPING_NAMES
+
+
+def check_architecture(folder: Path, ref: str) -> None:
+    """Refuse at load time, naming it, a model whose modelling code ships with the model
+    (`trust_remote_code`, e.g. NomicBERT): the store never runs code from a model repository."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the builder reports an unreadable config with its own message
+    if not isinstance(cfg, dict) or "auto_map" not in cfg:
+        return
+    model_type = str(cfg.get("model_type") or "")
+    if model_type and _transformers_knows(model_type):
+        return  # transformers has the architecture built in; the bundled code is not needed
+    arch = (cfg.get("architectures") or [model_type or "unknown"])[0]
+    hint = (" NomicBERT (nomic-embed-text: rotary positions, SwiGLU) has no built-in transformers "
+            "implementation yet; use a BERT, XLM-RoBERTa or ModernBERT encoder (BGE, E5, GTE) instead."
+            if model_type == "nomic_bert" or arch.startswith("NomicBert") else "")
+    raise StoreError(f"model {ref!r}: architecture {arch} (model_type {model_type!r}) needs the modelling code "
+                     f"shipped with the model (trust_remote_code), which fmgate does not run.{hint}")
+
+
+POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                 "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+                 "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+
+
+def sentence_transformers_pooling(folder: Path) -> tuple[str | None, bool | None]:
+    """(pooling, normalize) from the sentence-transformers files: modules.json names the Pooling
+    module's folder (usually 1_Pooling) and whether a Normalize module follows. None where a file is
+    absent. A pooling the encoder runner does not do (max, last token, several at once) is refused."""
+    modules: list = []
+    if (folder / "modules.json").is_file():
+        modules = json.loads((folder / "modules.json").read_text())
+    pool_dir = next((m.get("path") for m in modules if str(m.get("type", "")).endswith("Pooling")), None)
+    cfg_path = folder / (pool_dir or "1_Pooling") / "config.json"
+    pooling = None
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        modes = [v for k, v in POOLING_MODES.items() if cfg.get(k)]
+        if cfg.get("pooling_mode") and not modes:  # the newer single-key form
+            modes = [{"cls_token": "cls", "mean_tokens": "mean"}.get(cfg["pooling_mode"], cfg["pooling_mode"])]
+        if len(modes) != 1 or modes[0] not in ("cls", "mean"):
+            raise StoreError(f"{folder.name}: sentence-transformers pooling {' + '.join(modes) or 'none'} is not "
+                             "supported (fmgate pools by the CLS token or the mean of the tokens)")
+        pooling = modes[0]
+    normalize = any("Normalize" in str(m.get("type", "")) for m in modules) if modules else None
+    return pooling, normalize
 
 
 def check_gguf_header(p: Path) -> None:
@@ -131,6 +196,8 @@ def _hub(ref: str, recorded: Callable[[str], dict | None]) -> Source:
             return src
         raise
     commit = path.name
+    if (path / "config.json").is_file():
+        check_architecture(path, ref)
     return Source(ref, "hf", repo.split("/")[-1], f"hf:{repo}@{commit}", "hf", path,
                   {"repo": repo, "revision": rev, "commit": commit})
 
