@@ -357,6 +357,16 @@ def report(out: Path) -> str:
         ratio = f"{row.get('tok_s', 0) / base:.1f}x" if base and row.get("tok_s") else "-"
         lines.append(f"| {c} | {row.get('tok_s')} | {row.get('per_stream_tok_s_p50')} | {row.get('ttft_p50_ms')} "
                      f"| {base} | {ratio} |")
+    mp_runs = load("chat_mp.json").get("runs", [])
+    if mp_runs:
+        lines += ["", "Engine core in its own process, several API processes (`--engine-process`, docs/processes.md):", "",
+                  "| clients | fmgate tok/s | per stream p50 | TTFT p50 ms | vs single process |", "|---|---|---|---|---|"]
+        single = {r["clients"]: r.get("tok_s") for r in chat.get("runs", [])}
+        for row in mp_runs:
+            base = single.get(row["clients"])
+            ratio = f"{row.get('tok_s', 0) / base:.2f}x" if base and row.get("tok_s") else "-"
+            lines.append(f"| {row['clients']} | {row.get('tok_s')} | {row.get('per_stream_tok_s_p50')} "
+                         f"| {row.get('ttft_p50_ms')} | {ratio} |")
     if hf:
         lines += ["", "transformers generate with min_new_tokens=128 (exactly 128 new tokens): " + ", ".join(
             f"batch {k[5:]} {v['tok_s']} tok/s" for k, v in hf.items() if k.startswith("min_b")) + "."]

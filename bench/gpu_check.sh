@@ -5,8 +5,9 @@
 # 2. runs the GPU tests (tests/gpu, the CUDA-only ones included);
 # 3. serves random-weight SmolLM2-135M and MiniLM-L6 "torch" artifacts with `fmgate serve` and runs
 #    streaming chat at 1/8/64 clients and embeddings with 256 inputs in flight;
+# 3b. the same chat load again with `--engine-process --api-workers $API_WORKERS` (default 4; SKIP_MP=1 skips);
 # 4. in the same run, plain transformers `generate` (bf16, eager, batched) at batch 1/8/64.
-# Writes env.json, tests.log, chat.json, embed.json, runner.json, hf.json, server.log, results.md to OUT_DIR.
+# Writes env.json, tests.log, chat.json, chat_mp.json, embed.json, runner.json, hf.json, server.log, results.md to OUT_DIR.
 # Needs .gpu_assets/ (tokenizer files; see docs/gpu.md) beside the repo's files.
 # Without a GPU it still runs end to end on the CPU as a smoke test (FMGATE_TORCH_DEVICE=cpu and small
 # loads via CHAT_ARGS / EMBED_ARGS / BATCHES / STEPS); its figures then mean nothing.
@@ -84,6 +85,35 @@ if [ "$code" = 200 ]; then
 fi
 kill -INT $SERVER 2>/dev/null; sleep 2; kill -9 $SERVER 2>/dev/null
 wait $SERVER 2>/dev/null
+
+# 3b. the same chat load with the engine core in its own process and API_WORKERS API processes
+#     (docs/processes.md); SIGTERM lets the server stop its cores, SIGKILL after 20 s is the fallback.
+if [ -z "${SKIP_MP:-}" ]; then
+  say "starting fmgate serve --engine-process --api-workers ${API_WORKERS:-4}"
+  FMGATE_HOME=/tmp/fmgate-home FMGATE_AUTH=off FMGATE_LOG_LEVEL=info FMGATE_CONFIG=$CFG \
+    $PY -m bench.gpu_bench serve --port $PORT --host 127.0.0.1 --engine-process --api-workers "${API_WORKERS:-4}" \
+    >"$OUT/server_mp.log" 2>&1 &
+  SERVER=$!
+  code=none
+  for _ in $(seq 1 180); do
+    code=$($PY -c "import urllib.request as u
+try: print(u.urlopen('http://127.0.0.1:$PORT/readyz', timeout=2).status)
+except Exception as e: print(getattr(e, 'code', 'down'))" 2>/dev/null)
+    [ "$code" = 200 ] && break
+    kill -0 $SERVER 2>/dev/null || break
+    sleep 1
+  done
+  say "engine-process server ready ($code)"
+  if [ "$code" = 200 ]; then
+    # shellcheck disable=SC2086
+    timeout 120 $PY -m bench.gpu_bench chat $URL smollm2-135m-random ${CHAT_MP_ARGS:-${CHAT_ARGS:---clients 1,8,64 --requests 4,3,3}} \
+      --out "$OUT/chat_mp.json" || say "engine-process chat bench failed"
+  fi
+  kill -TERM $SERVER 2>/dev/null
+  for _ in $(seq 1 20); do kill -0 $SERVER 2>/dev/null || break; sleep 1; done
+  kill -9 $SERVER 2>/dev/null
+  wait $SERVER 2>/dev/null  # its engine cores die with it (PR_SET_PDEATHSIG) if it had to be killed
+fi
 
 # 4. same-run baselines, with the server gone: the runner alone, and transformers generate
 timeout 60 $PY -m bench.gpu_bench runner $MODELS/smollm2 --batches ${BATCHES:-1,8,64} --out "$OUT/runner.json" \
