@@ -200,6 +200,9 @@ BAD_VALUES = {
     "bad quantity": ({"resources": {"requests": {"cpu": "two"}}}, "cpu"),
     "bad digest": ({"image": {"digest": "latest"}}, "digest"),
     "relative mount path": ({"modelCache": {"mountPath": "var/lib/fmgate"}}, "mountPath"),
+    "unknown redis eviction policy": ({"redis": {"builtin": {"maxmemoryPolicy": "lru"}}}, "maxmemoryPolicy"),
+    "redis maxmemory in Kubernetes units": ({"redis": {"builtin": {"maxmemory": "256Mi"}}}, "maxmemory"),
+    "build job typo": ({"modelCache": {"shared": {"buildJob": {"enable": True}}}}, "enable"),
 }
 
 
@@ -279,9 +282,9 @@ def test_objects_are_wired_together(rendered, name):
     # Every Secret, ConfigMap and claim the pods use is rendered here, or named in values as existing.
     existing_secrets = {values["adminKey"]["existingSecret"], values["redis"]["existingSecret"]} - {""}
     secret_data = {d["metadata"]["name"]: d["data"] for d in by_kind(docs, "Secret")}
-    for deploy in by_kind(docs, "Deployment"):
+    for deploy in by_kind(docs, "Deployment") + by_kind(docs, "Job"):
         spec = deploy["spec"]["template"]["spec"]
-        for c in spec["containers"]:
+        for c in spec.get("initContainers", []) + spec["containers"]:
             for env in c.get("env", []):
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref and ref["name"] not in existing_secrets:
@@ -304,6 +307,10 @@ def test_objects_are_wired_together(rendered, name):
         assert "replicas" not in gateway["spec"], "the HPA owns the replica count"
     for pdb in by_kind(docs, "PodDisruptionBudget"):
         assert _selects(pdb["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"])
+    for job in by_kind(docs, "Job"):
+        assert not _selects(svc["spec"]["selector"], job["spec"]["template"]["metadata"]["labels"]), (
+            "the gateway Service must not pick the build Job's pod"
+        )
     if values["redis"]["builtin"]["enabled"]:
         redis = one(docs, "Deployment", f"{FULLNAME}-redis")
         redis_labels = redis["spec"]["template"]["metadata"]["labels"]
@@ -374,6 +381,93 @@ def test_shared_model_cache_with_an_existing_claim():
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
     assert claims == ["team-models"]
+
+
+def _pulls(containers: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(source, task, variant) of each `fmgate models pull` container, in order."""
+    out = []
+    for c in containers:
+        args = c["args"]
+        assert args[:2] == ["models", "pull"], args
+        out.append((args[2], args[args.index("--task") + 1], args[args.index("--variant") + 1]))
+    return out
+
+
+def test_shared_cache_build_job_fills_the_cache_before_the_replicas_serve(rendered):
+    """modelCache.type=shared: a Job pulls every model once into the shared claim, one after the other,
+    with the gateway's image, resources and placement; each replica's init containers run the same
+    pulls, which wait on the Job's file locks and return from the cache, so N replicas build once."""
+    docs = rendered["shared-model-cache"]
+    values = deep_merge(default_values(), SCENARIOS["shared-model-cache"])
+    job = one(docs, "Job")
+    assert re.fullmatch(f"{FULLNAME}-build-[0-9a-f]{{8}}", job["metadata"]["name"])
+    jspec = job["spec"]["template"]["spec"]
+    assert jspec["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 2
+    assert job["spec"]["ttlSecondsAfterFinished"] == 86400
+    models = [(m["source"], m.get("task", "chat"), m.get("variant", "auto")) for m in values["models"]]
+    # Sequential: all but the last model as init containers (builds in parallel would skew the timings).
+    assert _pulls(jspec.get("initContainers", []) + jspec["containers"]) == models
+    assert len(jspec["containers"]) == 1
+    gateway = one(docs, "Deployment", FULLNAME)["spec"]["template"]["spec"]
+    serve = gateway["containers"][0]
+    env = {e["name"]: e.get("value") for e in serve["env"]}
+    for c in jspec.get("initContainers", []) + jspec["containers"]:
+        assert c["image"] == serve["image"] and "command" not in c  # a failed build fails the Job, visibly
+        assert c["resources"] == serve["resources"]  # the same thread count: its measurement is theirs
+        cenv = {e["name"]: e.get("value") for e in c["env"]}
+        assert cenv["FMGATE_HOME"] == env["FMGATE_HOME"] and cenv["HF_HOME"] == env["HF_HOME"]
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        assert mounts["shared-models"] == env["FMGATE_HOME"] + "/models"
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in jspec["volumes"]}
+    assert claims["shared-models"] == f"{FULLNAME}-models" == one(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    assert "emptyDir" in next(v for v in jspec["volumes"] if v["name"] == "model-cache")
+    # The replicas wait for it; a model that fails to build does not keep the pod (or the other models) down.
+    inits = gateway["initContainers"]
+    assert _pulls(inits) == models
+    for c in inits:
+        assert c["command"][:2] == ["/bin/sh", "-c"] and "|| echo" in c["command"][2]
+
+
+def test_build_job_name_follows_what_it_builds():
+    base = {"replicaCount": 2, "redis": {"url": "redis://r:6379/0"}, "modelCache": {"type": "shared"}}
+
+    def name(extra):
+        return one(render_docs(deep_merge(base, extra)), "Job")["metadata"]["name"]
+
+    assert name({}) == name({"replicaCount": 5})  # unrelated changes keep the Job (and its finished run)
+    assert name({}) != name({"models": [{"name": "q", "source": "Qwen/Qwen2.5-0.5B-Instruct"}]})
+    assert name({}) != name({"image": {"tag": "0.2.0-cpu"}})
+
+
+def test_build_job_options():
+    base = {"replicaCount": 2, "redis": {"url": "redis://r:6379/0"}, "modelCache": {"type": "shared"}}
+    docs = render_docs(deep_merge(base, {"modelCache": {"shared": {"buildJob": {
+        "waitInInit": False, "ttlSecondsAfterFinished": None,
+        "resources": {"requests": {"cpu": "8", "memory": "16Gi"}}}}}, "nodeSelector": {"pool": "cpu"}}))
+    job = one(docs, "Job")
+    assert "ttlSecondsAfterFinished" not in job["spec"]
+    jspec = job["spec"]["template"]["spec"]
+    assert jspec["containers"][0]["resources"] == {"requests": {"cpu": "8", "memory": "16Gi"}}
+    assert jspec["nodeSelector"] == {"pool": "cpu"}
+    assert "initContainers" not in one(docs, "Deployment")["spec"]["template"]["spec"]
+    off = render_docs(deep_merge(base, {"modelCache": {"shared": {"buildJob": {"enabled": False}}}}))
+    assert not by_kind(off, "Job") and "initContainers" not in one(off, "Deployment")["spec"]["template"]["spec"]
+    for other in ({}, {"modelCache": {"type": "pvc"}}):  # only a shared cache has replicas to spare builds for
+        assert not by_kind(render_docs(other), "Job")
+
+
+def test_builtin_redis_memory_cap(rendered):
+    """The chart's Redis stops at maxmemory (below its container limit) and, holding keys and quota
+    counters, refuses writes there rather than evicting them."""
+    args = one(rendered["autoscale-queue"], "Deployment", f"{FULLNAME}-redis")["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    assert args[args.index("--maxmemory") + 1] == "192mb"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    docs = render_docs({"redis": {"builtin": {"enabled": True, "maxmemory": "1gb", "maxmemoryPolicy": "volatile-ttl",
+                                              "resources": {"limits": {"memory": "1500Mi"}}}}})
+    args = one(docs, "Deployment", f"{FULLNAME}-redis")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--maxmemory") + 1] == "1gb"
+    assert args[args.index("--maxmemory-policy") + 1] == "volatile-ttl"
 
 
 def test_service_monitor_targets_the_service(rendered):

@@ -150,3 +150,87 @@ Threads per engine: fmgate.threads if set, else the whole CPUs of limits.cpu or 
 {{- fail "autoscaling: minReplicas must not exceed maxReplicas" }}
 {{- end }}
 {{- end }}
+
+{{/* The shared-cache build Job: on when modelCache.type=shared and buildJob.enabled. */}}
+{{- define "fmgate.buildJob" -}}
+{{- if and (eq .Values.modelCache.type "shared") .Values.modelCache.shared.buildJob.enabled }}true{{ end }}
+{{- end }}
+
+{{/* The Job's name changes with what it builds (models, image), so an upgrade that changes them
+runs a new Job; Job pod templates cannot be changed in place. */}}
+{{- define "fmgate.buildJobName" -}}
+{{- $sum := list .Values.models (include "fmgate.image" .) | toJson | sha256sum | trunc 8 }}
+{{- printf "%s-build-%s" (include "fmgate.fullname" . | trunc 48 | trimSuffix "-") $sum }}
+{{- end }}
+
+{{- define "fmgate.buildSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "fmgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: model-build
+{{- end }}
+
+{{/* `fmgate models pull` of each configured model, one container each (run in order as init
+containers): the same FMGATE_HOME, shared cache mount and environment as the gateway.
+Args: (list $ resources tolerant). tolerant: a failed pull does not stop the pod (the gateway's init
+containers: one broken model must not keep the others from serving; the gateway reports it). */}}
+{{- define "fmgate.pullContainers" -}}
+{{- $ := index . 0 }}
+{{- $resources := index . 1 }}
+{{- $tolerant := index . 2 }}
+{{- range $i, $m := $.Values.models }}
+- name: {{ printf "pull-%d" $i }}
+  image: {{ include "fmgate.image" $ | quote }}
+  imagePullPolicy: {{ $.Values.image.pullPolicy }}
+  {{- $args := list "models" "pull" $m.source "--task" ($m.task | default "chat") "--variant" ($m.variant | default "auto") }}
+  {{- if $tolerant }}
+  command: ["/bin/sh", "-c", "fmgate \"$@\" || echo \"fmgate: $3 did not build here; the gateway reports its error\" >&2", "pull"]
+  {{- end }}
+  args: {{ toJson $args }}
+  {{- with $.Values.securityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  env:
+    - name: FMGATE_HOME
+      value: {{ $.Values.modelCache.mountPath | quote }}
+    - name: FMGATE_LOG_LEVEL
+      value: {{ $.Values.fmgate.logLevel | quote }}
+    - name: HOME
+      value: /tmp
+    - name: HF_HOME
+      value: {{ printf "%s/huggingface" $.Values.modelCache.mountPath | quote }}
+    - name: XDG_CACHE_HOME
+      value: /tmp/cache
+    - name: TMPDIR
+      value: /tmp
+    {{- with $.Values.fmgate.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $.Values.fmgate.extraEnvFrom }}
+  envFrom:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  volumeMounts:
+    - name: model-cache
+      mountPath: {{ $.Values.modelCache.mountPath }}
+    - name: shared-models
+      mountPath: {{ printf "%s/models" $.Values.modelCache.mountPath }}
+    - name: tmp
+      mountPath: /tmp
+{{- end }}
+{{- end }}
+
+{{/* The gateway container's resources, GPU included. */}}
+{{- define "fmgate.resources" -}}
+{{- $res := deepCopy (.Values.resources | default dict) }}
+{{- if .Values.gpu.enabled }}
+{{- $limits := get $res "limits" | default dict }}
+{{- $_ := set $limits .Values.gpu.resourceName (.Values.gpu.count | int) }}
+{{- $_ := set $res "limits" $limits }}
+{{- end }}
+{{- toYaml $res }}
+{{- end }}
