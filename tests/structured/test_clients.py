@@ -59,13 +59,9 @@ def test_openai_tools_required_and_streamed_deltas(server):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-# instructor 1.17.0 declares jiter<0.15 and rich<15, while openai 3.57.0 needs jiter>=0.16 and fmgate pins
-# rich 15.0.0, so it is not in the `test` extra (docs/structured.md). Installed by hand it passes; until the
-# pins agree this test says why it did not run instead of failing every CI run.
-@pytest.mark.skipif(importlib.util.find_spec("instructor") is None,
-                    reason="instructor 1.17.0 cannot be co-installed with openai 3.57.0 / rich 15.0.0 (jiter, rich)")
 @pytest.mark.parametrize("mode", ["JSON", "TOOLS"])
 def test_instructor(server, mode):
+    have("instructor")
     import instructor
 
     client = instructor.from_openai(server.client(timeout=60), mode=getattr(instructor.Mode, mode))
