@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import secrets
@@ -35,6 +36,17 @@ if TYPE_CHECKING:
     from gateway.settings import Settings
 
 log = logging.getLogger("fmgate.quota")
+
+
+def open_to_network(host: str) -> bool:
+    """Whether a bind address is reachable from other machines (anything but loopback)."""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a host name: it resolves to whatever it resolves to
+
 
 CACHE_TTL_S = 0.5  # how stale a key record may be: a revocation takes effect within this (memory mode)
 _DUMMY_DIGEST = "0" * 64
@@ -164,6 +176,10 @@ class Gatekeeper:
         if gk.redis is None:
             gk._tasks.append(asyncio.create_task(gk._flush_loop(), name="fmgate-quota-flush"))
         log.info("quotas: %s backend, auth=%s", "redis" if gk.redis else "memory", settings.auth)
+        if open_to_network(settings.host) and settings.auth != "on" and not await gk.auth_enabled():
+            log.warning("bound to %s (not loopback) with %s: anyone who can reach port %s is served, unlimited "
+                        "and unrecorded. Create a key (fmgate keys create) or set FMGATE_AUTH=on.", settings.host,
+                        "auth=off" if settings.auth == "off" else "auth=auto and no API key yet", settings.port)
         return gk
 
     async def close(self) -> None:
