@@ -5,7 +5,9 @@ Standard library only, so bench/plot.py can import it from the tools venv.
 
 from __future__ import annotations
 
+import base64
 import statistics
+import struct
 from collections.abc import Iterable
 
 BEGIN = "<!-- bench:serving:begin (written by `make bench`; edit bench/report.py, not this block) -->"
@@ -148,6 +150,22 @@ def _quality_table(results: dict) -> list[str]:
     return lines
 
 
+def pack_vectors(vectors: list[list[float]]) -> dict:
+    """Vectors as base64 of little-endian float16, for the results JSON."""
+    rows, dim = len(vectors), len(vectors[0]) if vectors else 0
+    raw = struct.pack(f"<{rows * dim}e", *(x for v in vectors for x in v))
+    return {"dtype": "float16", "shape": [rows, dim], "b64": base64.b64encode(raw).decode()}
+
+
+def unpack_vectors(packed: dict | list | None) -> list[list[float]] | None:
+    """The inverse of pack_vectors; older results files hold plain lists."""
+    if not packed or isinstance(packed, list):
+        return packed
+    rows, dim = packed["shape"]
+    flat = struct.unpack(f"<{rows * dim}e", base64.b64decode(packed["b64"]))
+    return [list(flat[i * dim:(i + 1) * dim]) for i in range(rows)]
+
+
 def _cos(a: list[float], b: list[float]) -> float:
     dot = sum(x * y for x, y in zip(a, b, strict=True))
     na = sum(x * x for x in a) ** 0.5
@@ -157,12 +175,12 @@ def _cos(a: list[float], b: list[float]) -> float:
 
 def _embed_quality(results: dict) -> list[str]:
     """Cosine of each server's vectors against sentence-transformers' (the naive baseline's)."""
-    ref = results["servers"].get("naive-embed", {}).get("probe_vectors")
+    ref = unpack_vectors(results["servers"].get("naive-embed", {}).get("probe_vectors"))
     if not ref:
         return []
     lines = ["| server | cosine vs sentence-transformers, mean / min |", "|---|---:|"]
     for n, s in results["servers"].items():
-        vecs = s.get("probe_vectors")
+        vecs = unpack_vectors(s.get("probe_vectors"))
         if not vecs or n == "naive-embed":
             continue
         if len(vecs) != len(ref) or len(vecs[0]) != len(ref[0]):

@@ -92,13 +92,15 @@ def served_variants(base_url: str) -> dict[str, str]:
         return {}
 
 
-async def embed_probe(base_url: str, model: str) -> list[list[float]]:
-    """Embeddings of a few fixed sentences, to compare servers' vectors (cosine) in the report."""
+async def embed_probe(base_url: str, model: str) -> dict:
+    """Embeddings of a few fixed sentences, to compare servers' vectors (cosine) in the report; packed as
+    little-endian float16 in base64 (6 kB a server instead of 60 kB of JSON numbers; the cosines the report
+    prints to 4 decimals are unchanged)."""
     async with httpx.AsyncClient(trust_env=False, timeout=120) as c:
         r = await c.post(base_url + "/v1/embeddings", json={"model": model, "input": SENTENCES[:PROBE]})
         r.raise_for_status()
         data = sorted(r.json()["data"], key=lambda d: d["index"])
-        return [[round(x, 6) for x in d["embedding"]] for d in data]
+        return report.pack_vectors([d["embedding"] for d in data])
 
 
 def bench_server(name: str, args: argparse.Namespace, logs: Path) -> dict:
