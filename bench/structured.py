@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import importlib.metadata
 import json
+import os
 import statistics
 import sys
 import time
@@ -154,16 +155,22 @@ async def _load(url: str, clients: int, seconds: float, fmt: dict | None, max_to
 
 
 def load(url: str | None, clients: int, seconds: float, max_tokens: int) -> None:
-    rows = {}
+    rows: dict[str, dict] = {}
     with _server("fmgate", url) as base:
         rows["fmgate"] = asyncio.run(_load(base, clients, seconds, None, max_tokens))
         rows["fmgate + schema"] = asyncio.run(_load(base, clients, seconds, schema_format(PERSON), max_tokens))
     if url is None and peers.llama_server_path().exists():
-        with _server("llama-server", None) as base:
-            rows["llama-server + schema"] = asyncio.run(
-                _load(base, clients, seconds, schema_format(PERSON), max_tokens))
+        # The same prompt, sampling, max_tokens and schema (llama-server reads response_format's
+        # json_schema.schema into its own grammar); its unconstrained figure for scale.
+        try:
+            with _server("llama-server", None) as base:
+                rows["llama-server"] = asyncio.run(_load(base, clients, seconds, None, max_tokens))
+                rows["llama-server + schema"] = asyncio.run(
+                    _load(base, clients, seconds, schema_format(PERSON), max_tokens))
+        except Exception as exc:  # noqa: BLE001 - fmgate's rows still print; say why the peer has none
+            print(f"llama-server: failed: {type(exc).__name__}: {str(exc)[:300]}")
     else:
-        print("llama-server: not built (python -m bench.peers) or --url given; skipped")
+        print(f"llama-server: skipped ({'--url given' if url else 'not built: python -m bench.peers llama-server'})")
     for name, r in rows.items():
         print(f"{name:24s} {r['tok_s']:8.1f} tok/s  {r['requests']:4d} requests  {r['invalid_json']} invalid JSON")
     base_tok = rows["fmgate"]["tok_s"] or float("nan")
@@ -171,6 +178,21 @@ def load(url: str | None, clients: int, seconds: float, max_tokens: int) -> None
     if "llama-server + schema" in rows:
         ratio = rows["fmgate + schema"]["tok_s"] / (rows["llama-server + schema"]["tok_s"] or float("nan"))
         print(f"fmgate / llama-server, constrained: {ratio:.2f}x (goal >= 1.5)")
+    _save("load", {"clients": clients, "seconds": seconds, "max_tokens": max_tokens, "url": url, "rows": rows})
+
+
+def _save(what: str, data: dict) -> None:
+    """The run's figures as bench/results/structured-<what>-<stamp>.json (committed, so quoted figures can be
+    audited)."""
+    out = peers.BENCH / "results" / f"structured-{what}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        loadavg = list(os.getloadavg())
+    except OSError:
+        loadavg = None
+    out.write_text(json.dumps({"started": time.strftime("%Y-%m-%d %H:%M"), "loadavg_end": loadavg,
+                               "command": "python -m bench.structured " + " ".join(sys.argv[1:]), **data}, indent=1))
+    print(f"results: {out.relative_to(peers.BENCH.parent)}")
 
 
 # -- stall --
@@ -220,6 +242,7 @@ def stall(url: str | None, clients: int, seconds: float) -> None:
     with _server("fmgate", url) as base:
         r = asyncio.run(_stall(base, clients, seconds))
     ratio = r["p95_during_ms"] / r["p95_before_ms"]
+    _save("stall", {"clients": clients, "seconds": seconds, "url": url, **r})
     print(f"inter-token p95 without new schemas {r['p95_before_ms']:.1f} ms, while {r['new_schemas']} new "
           f"50-property schemas arrive {r['p95_during_ms']:.1f} ms: {ratio:.2f}x (goal <= 1.5); "
           f"their time to first token p50 {r['new_schema_ttft_p50_ms']:.0f} ms")
