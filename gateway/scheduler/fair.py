@@ -6,6 +6,12 @@ Each tenant (an API key id; "" = anonymous) has its own FIFO. Tenants take turns
 short, so a newcomer waits for about one item of each busy tenant, not a whole quantum's worth. So one key with 32 queued
 streams cannot hold back another key's first request for more than about one item per turn.
 With policy "fcfs" it is a plain FIFO (for comparison). Not thread-safe: the owner holds its lock.
+
+Inside a continuous batch the scarce thing is a batch slot, held for a whole generation, so admission
+order alone cannot keep a flood from holding every slot. `next_tenant` and `preemption` share the
+slots themselves: a free slot goes to the waiting tenant with the fewest running sequences per unit of
+weight, and when none is free, a waiting tenant that is under its weighted share takes one from the
+tenant most over it (the scheduler pauses one of that tenant's sequences and resumes it later).
 """
 
 from __future__ import annotations
@@ -90,6 +96,43 @@ class FairQueue(Generic[T]):
 
     popleft = pop
 
+    def requeue(self, item: T) -> None:
+        """Put a paused (preempted) item back at the head of its own tenant's queue: it runs before that
+        tenant's later items, but does not jump ahead of other tenants as push_front does."""
+        tenant = self._key(item)[0] if self.policy == "fair" else ""
+        q = self._queues.get(tenant)
+        if q is None:
+            q = self._queues[tenant] = deque()
+            self._ring.append(tenant)
+            self._deficit[tenant] = 0.0
+        q.appendleft(item)
+        self._len += 1
+
+    def tenants(self) -> list[tuple[str, float]]:
+        """(tenant, weight) of every tenant with queued items, in turn order (fair policy; fcfs: one "")."""
+        out = {self._key(x)[0] if self.policy == "fair" else "": self._key(x)[1] for x in self._front}
+        for tenant in self._ring:
+            out.setdefault(tenant, self._key(self._queues[tenant][0])[1])
+        return list(out.items())
+
+    def pop_tenant(self, tenant: str) -> T:
+        """The next item of one tenant (a peeked item first); that tenant's turn moves to the back."""
+        for i, x in enumerate(self._front):
+            if (self._key(x)[0] if self.policy == "fair" else "") == tenant:
+                del self._front[i]
+                self._len -= 1
+                return x
+        q = self._queues[tenant]
+        item = q.popleft()
+        self._len -= 1
+        self._deficit[tenant] = max(0.0, self._deficit[tenant] - self._cost(item))
+        if not q:
+            self._drop(tenant)
+        else:
+            self._ring.remove(tenant)
+            self._ring.append(tenant)
+        return item
+
     def _take(self) -> T:
         """Choose the next item by deficit round robin (without changing _len)."""
         if not self._ring:
@@ -158,3 +201,45 @@ class FairQueue(Generic[T]):
                     self._drop(tenant)
         self._len -= len(removed)
         return removed
+
+
+# -- sharing batch slots between tenants (the generation scheduler's admission and preemption) --
+
+_EPS = 1e-9
+
+
+def next_tenant(active: dict[str, int], waiting: list[tuple[str, float]],
+                last_served: dict[str, int] | None = None) -> str:
+    """The waiting tenant that gets a free slot: the fewest running sequences per unit of weight once it
+    has one more; ties go to the tenant admitted least recently (`last_served`: a counter per tenant,
+    absent = never), then to the earliest in `waiting`'s turn order."""
+    last = last_served or {}
+    best, best_key = waiting[0][0], (float("inf"), 0)
+    for tenant, weight in waiting:
+        load = (active.get(tenant, 0) + 1) / max(weight, 1e-3)
+        key = (round(load / _EPS) * _EPS, last.get(tenant, -1))
+        if key < best_key:
+            best, best_key = tenant, key
+    return best
+
+
+def preemption(active: dict[str, int], weights: dict[str, float], waiting: list[tuple[str, float]],
+               last_served: dict[str, int] | None = None) -> tuple[str, str] | None:
+    """(newcomer, victim): with every slot taken, the waiting tenant `next_tenant` picks takes a slot from
+    the running tenant with the most sequences per unit of weight, if that tenant would still hold at
+    least as many per weight as the newcomer then does. That test makes the move one-way: the victim
+    can never win the slot straight back (no ping-pong), and a tenant alone in the batch with one slot
+    is never paused. None when no move is due."""
+    if not waiting:
+        return None
+    newcomer = next_tenant(active, waiting, last_served)
+    w_new = max(dict(waiting)[newcomer], 1e-3)
+    after_new = (active.get(newcomer, 0) + 1) / w_new
+    victim, most = None, -1.0
+    for tenant, n in active.items():
+        if tenant == newcomer or n <= 0:
+            continue
+        w = max(weights.get(tenant, 1.0), 1e-3)
+        if (n - 1) / w >= after_new - _EPS and n / w > most:
+            victim, most = tenant, n / w
+    return None if victim is None else (newcomer, victim)

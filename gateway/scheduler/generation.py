@@ -2,12 +2,24 @@
 
 One thread owns the runner. Each iteration it
 1. ends cancelled and overdue sequences (a disconnected client frees its slot within one step),
-2. admits waiting requests while slots are free (fair share between tenants when gateway.scheduler.fair
-   is there, else FCFS),
+2. admits waiting requests while slots are free: FCFS, or with the fair policy (FMGATE_FAIRNESS=fair)
+   the slot goes to the waiting tenant with the fewest running sequences per unit of weight; when every
+   slot is taken, a waiting tenant under its weighted share preempts one sequence of the tenant most over
+   it (see gateway.scheduler.fair.preemption), so a key with nothing running starts at the next step
+   however many streams another key keeps busy,
 3. prefills prompts in chunks, at most `max_batch_tokens - running` prompt tokens per iteration,
-   so a long prompt never stalls the decoders for more than one chunk,
+   so a long prompt never stalls the decoders for more than one chunk; with the fair policy the
+   prompts of tenants with the fewest running sequences go first, so a newcomer's prompt is not
+   queued behind a flood's long chunked prompts,
 4. runs one batched decode step for every running sequence and hands each new token to its sink.
 Finished sequences leave the batch at once; new ones join at the next step boundary.
+
+A preempted sequence keeps everything but its KV cache (its tokens, sampling and grammar state, its
+detokenizer); it goes back to the head of its tenant's queue. When it is admitted again its KV is rebuilt
+the way it was first computed: the full blocks it had come back from the runner's prefix cache (a copy),
+the rest of the prompt is prefilled, and the generated tokens past the restored blocks are replayed as
+decode steps whose logits are dropped (a prefill of them would round a little differently and could flip
+a near-tie). Then it continues where it stopped, with the output it would have had unpaused.
 
 Failures are contained: a sequence whose own input breaks (a grammar, a token, its sink) ends alone
 with an error; a runner fault fails the batch it ran; if the thread itself dies, every sequence gets
@@ -89,6 +101,8 @@ class GenSequence:
     done: bool = False
     t_submit: float = field(default_factory=time.monotonic)
     t_first: float | None = None
+    preempted: int = 0  # times this sequence was paused to give its slot to another tenant
+    replay: list[int] = field(default_factory=list)  # resuming: generated tokens to feed back, not sample
 
 
 class _Fifo:
@@ -161,6 +175,10 @@ class GenerationScheduler:
         self._failed: str | None = None  # why the thread died
         self._faults = 0  # runner faults since the last good decode step
         self._step_seconds = 0.05  # moving average, for Retry-After
+        self._fair = getattr(self._waiting, "policy", "fcfs") == "fair"
+        self.preemptions = 0  # sequences paused to give their slot to another tenant
+        self._admissions = itertools.count()
+        self._last_served: dict[str, int] = {}  # tenant -> its latest admission's number (ties go round)
         metrics.ENGINE_UP.labels(name).set(1)
         self._thread = threading.Thread(target=self._main, name=f"gen-{name}", daemon=True)
         self._thread.start()
@@ -283,12 +301,13 @@ class GenerationScheduler:
                 self._cancel_pending = False
                 gone = self._waiting.remove_if(lambda s: s.cancelled) if reap else []
                 gone += self._waiting.remove_if(_overdue) if any(map(_has_deadline, self._waiting)) else []
-                while len(self._waiting) and len(self._prefilling) + len(self._running) < self.max_num_seqs:
-                    self._prefilling.append(self._waiting.pop())
+                paused = self._admit()
                 metrics.QUEUE_DEPTH.labels(self.name).set(len(self._waiting))
             # Runner work (release, resize) happens outside the lock that submit and cancel take.
             for seq in gone:
                 self._finish_early(seq)
+            for seq in paused:
+                self._drop_kv(seq)
             for seq in [s for s in (*self._prefilling, *self._running) if s.cancelled or _overdue(s)]:
                 self._finish_early(seq)
             t0 = time.monotonic()
@@ -297,6 +316,79 @@ class GenerationScheduler:
                 self._decode_step()
                 self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.monotonic() - t0)
             metrics.RUNNING_SEQS.labels(self.name).set(len(self._running))
+
+    def _admit(self) -> list[GenSequence]:
+        """Fill free slots from the waiting queue; with the fair policy, preempt for an under-share tenant.
+        Caller holds the lock. Returns the paused sequences, already requeued: their KV is dropped next,
+        before any prefill, so the runner has a free row for each newcomer."""
+        if not self._fair:
+            while len(self._waiting) and len(self._prefilling) + len(self._running) < self.max_num_seqs:
+                self._prefilling.append(self._waiting.pop())
+            return []
+        from .fair import next_tenant, preemption
+
+        active: dict[str, int] = {}
+        weights: dict[str, float] = {}
+        for seq in (*self._prefilling, *self._running):
+            t, w = _tenant(seq)
+            active[t] = active.get(t, 0) + 1
+            weights[t] = w
+        paused: list[GenSequence] = []
+        while len(self._waiting):
+            waiting = self._waiting.tenants()
+            if len(self._prefilling) + len(self._running) < self.max_num_seqs:
+                tenant = next_tenant(active, waiting, self._last_served)
+            else:
+                move = preemption(active, weights, waiting, self._last_served)
+                victim = None if move is None else self._victim(move[1])
+                if victim is None:
+                    break
+                tenant = move[0]
+                self._pause(victim)
+                paused.append(victim)
+                active[move[1]] -= 1
+            seq = self._waiting.pop_tenant(tenant)
+            self._prefilling.append(seq)
+            if len(self._last_served) > 10_000:  # only ties use it; forget tenants long gone
+                self._last_served.clear()
+            self._last_served[tenant] = next(self._admissions)
+            t, w = _tenant(seq)
+            active[t] = active.get(t, 0) + 1
+            weights[t] = w
+        return paused
+
+    def _victim(self, tenant: str) -> GenSequence | None:
+        """The tenant's most recently admitted sequence that can be paused (not one whose prompt logprobs
+        are still being gathered, nor one already ending)."""
+        for seq in (*reversed(self._prefilling), *reversed(self._running)):
+            if (_tenant(seq)[0] == tenant and seq.prompt_lp is None and not seq.done and not seq.cancelled
+                    and not _overdue(seq)):
+                return seq
+        return None
+
+    def _pause(self, seq: GenSequence) -> None:
+        if seq in self._running:
+            self._running.remove(seq)
+        else:
+            self._prefilling.remove(seq)
+        seq.preempted += 1
+        self.preemptions += 1
+        self._waiting.requeue(seq)
+
+    def _drop_kv(self, seq: GenSequence) -> None:
+        """Free a paused sequence's runner row; its full KV blocks go to the prefix cache first, so the
+        resume mostly copies them back instead of recomputing them."""
+        if seq.done:
+            return
+        try:
+            if hasattr(self.runner, "cache_prefix"):
+                self.runner.cache_prefix(seq.id, seq.prompt + seq.output)
+        except Exception:  # only an optimisation
+            log.debug("prefix caching of a paused sequence of %s failed", self.name, exc_info=True)
+        self.runner.release(seq.id)
+        seq.prefilled = 0
+        seq.replay = []
+        metrics.PREEMPTIONS.labels(self.name).inc()
 
     def _finish_early(self, seq: GenSequence) -> None:
         if seq.cancelled:
@@ -315,13 +407,28 @@ class GenerationScheduler:
         if self._faults >= MAX_CONSECUTIVE_FAULTS:
             raise RuntimeError(f"{self._faults} engine steps failed in a row")
 
+    def _prefill_order(self) -> list[GenSequence]:
+        """FCFS: admission order. Fair: tenants with the fewest running sequences per weight first (stable),
+        so a newcomer's short prompt is not queued behind a flood's long chunked ones."""
+        if not self._fair or len(self._prefilling) < 2:
+            return list(self._prefilling)
+        load: dict[str, float] = {}
+        for seq in self._running:
+            t, w = _tenant(seq)
+            load[t] = load.get(t, 0.0) + 1.0 / max(w, 1e-3)
+        return sorted(self._prefilling, key=lambda s: load.get(_tenant(s)[0], 0.0))
+
     def _prefill_step(self) -> None:
         budget = max(self.max_batch_tokens - len(self._running), 16)
-        for seq in list(self._prefilling):
+        for seq in self._prefill_order():
             if budget <= 0:
                 break
+            resumed = bool(seq.output)  # paused after it had generated: rebuild its KV, then go on
             if seq.prefilled == 0 and seq.prompt_lp is None and hasattr(self.runner, "reuse_prefix"):
-                seq.prefilled = self.runner.reuse_prefix(seq.id, seq.prompt)
+                seq.prefilled = self.runner.reuse_prefix(seq.id, seq.prompt + seq.output if resumed else seq.prompt)
+            if resumed and seq.prefilled >= len(seq.prompt):
+                self._resume(seq)
+                continue
             start = seq.prefilled
             chunk = seq.prompt[start : start + budget]
             try:
@@ -339,12 +446,22 @@ class GenerationScheduler:
                 continue
             seq.prefilled += len(chunk)
             budget -= len(chunk)
-            if seq.prefilled == len(seq.prompt):
+            if resumed and seq.prefilled == len(seq.prompt):
+                self._resume(seq)
+            elif seq.prefilled == len(seq.prompt):
                 if hasattr(self.runner, "cache_prefix"):
                     self.runner.cache_prefix(seq.id, seq.prompt)
                 self._prefilling.remove(seq)
                 self._running.append(seq)
                 self._sample_and_accept([seq], logits.reshape(1, -1))  # runners give [vocab] or [1, vocab]
+
+    def _resume(self, seq: GenSequence) -> None:
+        """A paused sequence's KV holds its first `prefilled` tokens of prompt + output; the generated ones
+        after that are fed back by decode steps (their logits dropped) up to the last, which the next
+        decode step feeds as usual."""
+        seq.replay = (seq.prompt + seq.output)[seq.prefilled : -1]
+        self._prefilling.remove(seq)
+        self._running.append(seq)
 
     def _prompt_logprobs(self, seq: GenSequence, logits: Any, start: int, n: int) -> None:
         """Logprob of each prompt token after the first, from the chunk's logits (row i predicts i + 1)."""
@@ -355,12 +472,21 @@ class GenerationScheduler:
     def _decode_step(self) -> None:
         batch = list(self._running)
         try:
-            logits = self.runner.decode([s.id for s in batch], [s.output[-1] for s in batch])
+            logits = self.runner.decode([s.id for s in batch], [s.replay[0] if s.replay else s.output[-1]
+                                                                for s in batch])
         except Exception:
             self._fault("decode", batch)
             return
         self._faults = 0
         metrics.BATCH_SIZE.labels(self.name, "decode").observe(len(batch))
+        if any(s.replay for s in batch):  # resuming sequences: their token was fed back, not predicted
+            keep = [i for i, s in enumerate(batch) if not s.replay]
+            for s in batch:
+                if s.replay:
+                    s.replay.pop(0)
+            if not keep:
+                return
+            batch, logits = [batch[i] for i in keep], logits[keep]
         self._sample_and_accept(batch, logits)
 
     def _sample_and_accept(self, seqs: list[GenSequence], logits: Any) -> None:
@@ -494,6 +620,11 @@ class GenerationScheduler:
         seq.sent = len(seq.text)
         self._emit(seq, self._event(seq, text, finish_reason=reason, error=error, error_code=code,
                                     prompt_tokens=len(seq.prompt), completion_tokens=len(seq.output)))
+
+
+def _tenant(seq: GenSequence) -> tuple[str, float]:
+    p = seq.params
+    return p.tenant or "", float(p.weight or 1.0)
 
 
 def _has_deadline(seq: GenSequence) -> bool:
