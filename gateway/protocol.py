@@ -27,6 +27,10 @@ Str256 = Annotated[str, Field(max_length=256)]
 StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=LIMITS.max_stop)]
 LogitBias = Annotated[dict[Annotated[str, Field(max_length=16)], Annotated[float, Field(ge=-100, le=100)]],
                       Field(max_length=LIMITS.max_logit_bias)]
+# Seconds (a number, or a string such as "300") or a duration ("5m", "1h30m", "90s"); 0: unload once idle;
+# negative: stay loaded. Parsed by gateway.api.params.keep_alive.
+KeepAlive = (Annotated[float, Field(ge=-1e9, le=1e9, allow_inf_nan=False)]
+             | Annotated[str, Field(min_length=1, max_length=32)])
 
 
 class _Request(BaseModel):
@@ -157,6 +161,8 @@ class _Sampling(_Request):
     top_k: Annotated[int, Field(ge=-1, le=1_000_000)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
+    # Ollama's field: how long the model stays loaded after this request (gateway.api.params.keep_alive).
+    keep_alive: KeepAlive | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -271,6 +277,7 @@ class EmbeddingRequest(_Request):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: Str256 | None = None
+    keep_alive: KeepAlive | None = None  # as for chat
 
     def batch(self) -> list[str] | list[list[int]]:
         return as_batch(self.input)

@@ -96,7 +96,7 @@ class Slot:
     memory_bytes: int = 0  # last measured; kept after an unload as the estimate for the next load
     in_use: int = 0
     last_used: float | None = None  # wall clock
-    keep_alive: float | None = None  # the last request's keep_alive, overriding the config's
+    keep_alive: float | None = None  # the latest request's keep_alive (None: the config's)
     expires_at: float | None = None  # wall clock; None: stays loaded
     loaded_once: bool = False
     load_seconds: float | None = None
@@ -135,8 +135,9 @@ class Registry:
                 slot.in_use += 1
                 slot.last_used = time.time()
                 slot.expires_at = None
-                if keep_alive is not None:
-                    slot.keep_alive = keep_alive
+                # Ollama's meaning: each request says how long the model stays after it; a request
+                # without keep_alive brings back the configured one. The latest request decides.
+                slot.keep_alive = keep_alive
                 return slot.served
             if slot.state == "failed":
                 raise ModelUnavailable(f"The model '{name}' failed to load: {slot.error}", retry_after=60)

@@ -18,6 +18,7 @@ from .. import errors, metrics
 from .. import registry as registry_mod
 from ..engines.base import EngineError, EngineUnavailable, Overloaded
 from ..registry import ServedModel
+from .params import keep_alive as keep_alive_seconds
 
 log = logging.getLogger("fmgate.api")
 T = TypeVar("T")
@@ -59,12 +60,14 @@ async def authenticate(request: Request) -> Any:
     return await request.app.state.gatekeeper.authenticate(request)
 
 
-async def acquire(request: Request, principal: Any, name: str, task: str) -> ServedModel:
-    """The served model for `name`, loaded and marked in use until `release` (Call.settle_soon does it)."""
+async def acquire(request: Request, principal: Any, name: str, task: str, keep_alive: Any = None) -> ServedModel:
+    """The served model for `name`, loaded and marked in use until `release` (Call.settle_soon does it).
+    `keep_alive`: the request's field as sent (see params.keep_alive), checked before any loading."""
     request.state.model = name
     registry = request.app.state.registry
+    seconds = keep_alive_seconds(keep_alive)
     try:
-        served = await registry.acquire(name, task=task)
+        served = await registry.acquire(name, task=task, keep_alive=seconds)
     except registry_mod.ModelNotFound as exc:
         raise errors.model_not_found(name) from exc
     except registry_mod.ModelUnavailable as exc:

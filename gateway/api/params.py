@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .. import errors
@@ -67,6 +68,31 @@ def sampling(req: Any, max_tokens: int, n_prompts: int, vocab: int, deadline: fl
                 weight=principal.weight,
             ))
     return out
+
+
+_DURATION = re.compile(r"(-?)((?:[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h))+)")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive(value: float | str | None) -> float | None:
+    """A request's keep_alive in seconds (Ollama's meaning: how long the model stays loaded after this
+    request; 0 unloads it once idle, negative keeps it); None when absent. Numbers are seconds; strings
+    are seconds or Go-style durations ("5m", "1h30m", "90s", "-1")."""
+    if value is None or isinstance(value, float | int):
+        return None if value is None else float(value)
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        m = _DURATION.fullmatch(text)
+        if m is None:
+            raise errors.bad_request('keep_alive must be seconds or a duration such as "5m", "1h30m", "0" or "-1".',
+                                     param="keep_alive") from None
+        seconds = sum(float(n) * _UNIT[u] for n, u in re.findall(r"([0-9.]+)(ms|s|m|h)", m.group(2)))
+        seconds = -seconds if m.group(1) else seconds
+    if seconds != seconds or abs(seconds) > 1e9:
+        raise errors.bad_request("keep_alive is out of range.", param="keep_alive")
+    return seconds
 
 
 def default_max_tokens(asked: int | None, limits: Limits, ctx: int, longest_prompt: int) -> int:

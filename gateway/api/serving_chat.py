@@ -27,7 +27,7 @@ async def create(request: Request, req: ChatCompletionRequest) -> Any:
     tool_choice = req.choice()
     if tool_choice is not None and not tools:
         raise errors.bad_request("tool_choice needs tools.", param="tool_choice")
-    served = await common.acquire(request, principal, req.model, "chat")
+    served = await common.acquire(request, principal, req.model, "chat", req.keep_alive)
     try:
         engine = served.engine
         messages = [m.as_dict() for m in req.messages]

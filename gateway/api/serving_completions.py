@@ -42,7 +42,7 @@ async def create(request: Request, req: CompletionRequest) -> Any:
     texts = req.prompts()
     params.check_limits(req, limits, prompts=len(texts))
     deadline = common.deadline(request)
-    served = await common.acquire(request, principal, req.model, "chat")
+    served = await common.acquire(request, principal, req.model, "chat", req.keep_alive)
     try:
         engine = served.engine
         prompts = await asyncio.to_thread(tokenize, engine, texts)
