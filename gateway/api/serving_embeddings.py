@@ -31,7 +31,7 @@ async def create(request: Request, req: EmbeddingRequest) -> Any:
     batch = req.batch()
     if len(batch) > limits.max_embedding_inputs:
         raise errors.bad_request(f"At most {limits.max_embedding_inputs} inputs are allowed.", param="input")
-    served = await common.acquire(request, principal, req.model, "embed")
+    served = await common.acquire(request, principal, req.model, "embed", req.keep_alive)
     try:
         engine = served.engine
         if req.dimensions is not None and req.dimensions != engine.dim:
