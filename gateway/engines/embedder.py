@@ -29,6 +29,9 @@ class EmbeddingEngine:
         self._backend = tokenizer.backend_tokenizer
         self._backend.no_truncation()  # too-long input is an error to report, not text to drop
         self._backend.no_padding()
+        # Results for asyncio callers, handed over in bulk: one loop wake-up per batch, not per request.
+        self._ready: dict[asyncio.AbstractEventLoop, list] = {}
+        self._ready_lock = threading.Lock()
 
     @classmethod
     def from_dir(cls, path: Path, name: str = "model", *, threads: int = 0, runner: EncoderRunner | None = None,
@@ -80,7 +83,7 @@ class EmbeddingEngine:
         fut: asyncio.Future[np.ndarray] = loop.create_future()
 
         def done(out, err):
-            loop.call_soon_threadsafe(_resolve, fut, out, err)
+            self._deliver(loop, fut, out, err)
 
         job = self.batcher.submit(batch, done, tenant=tenant, weight=weight)
         try:
@@ -88,6 +91,25 @@ class EmbeddingEngine:
         finally:
             if not fut.done():
                 self.batcher.cancel(job)
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future, out, err) -> None:
+        """From the batcher thread: queue a result; only the first of a burst wakes the loop."""
+        with self._ready_lock:
+            waiting = self._ready.setdefault(loop, [])
+            waiting.append((fut, out, err))
+            wake = len(waiting) == 1
+        if wake:
+            try:
+                loop.call_soon_threadsafe(self._drain, loop)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                with self._ready_lock:
+                    self._ready.pop(loop, None)
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._ready_lock:
+            waiting = self._ready.pop(loop, [])
+        for fut, out, err in waiting:
+            _resolve(fut, out, err)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         ev = threading.Event()

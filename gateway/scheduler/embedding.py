@@ -76,10 +76,14 @@ class EmbeddingBatcher:
                     f"Too many queued inputs for {self.name}; retry shortly.",
                     retry_after=max(1.0, len(self._queue) / self._rate),
                 )
+            before = len(self._queue)
             for i in range(len(inputs)):
                 self._queue.push((job, i))
             metrics.QUEUE_DEPTH.labels(self.name).set(len(self._queue))
-            self._cv.notify()
+            # The batcher thread waits for a first input, then for a full batch (or its deadline): wake it
+            # only for those, not once per request (each wake-up is a GIL hand-over for nothing).
+            if before == 0 or len(self._queue) >= self.max_batch_size:
+                self._cv.notify()
         return job
 
     def cancel(self, job: EmbedJob) -> None:
