@@ -159,7 +159,10 @@ def _eos_token(folder: Path) -> str | None:
     for t in tj.get("added_tokens", []):
         if t["id"] == eos:
             return t["content"]
-    for tok, i in tj["model"].get("vocab", {}).items():
+    vocab = tj["model"].get("vocab") or {}
+    if isinstance(vocab, list):  # Unigram (Gemma): [[piece, score], ...]
+        return vocab[eos][0] if 0 <= eos < len(vocab) else None
+    for tok, i in vocab.items():
         if i == eos:
             return tok
     return None
@@ -174,10 +177,11 @@ def fix_tokenizer(folder: Path) -> None:
     (folder / "tokenizer.model").unlink(missing_ok=True)
     tj = json.loads(tj_path.read_text())
     model = tj.get("model", {})
-    decoders = (tj.get("decoder") or {}).get("decoders", [])
     hybrid = (model.get("type") == "BPE" and model.get("byte_fallback")
               and (tj.get("pre_tokenizer") or {}).get("type") == "ByteLevel")
-    if hybrid or any(d.get("type") == "ByteFallback" for d in decoders):
+    # A SentencePiece-style vocabulary (▁ pieces, <0xNN> byte fallback: Llama-2, Mistral, Phi-3, Gemma
+    # files) is what tokenizers and the runtimes read natively: it is left as it is.
+    if hybrid:
         before = Tokenizer.from_str(json.dumps(tj))
         model.update({"byte_fallback": False, "fuse_unk": False, "unk_token": None, "dropout": None})
         tj["normalizer"] = None
@@ -197,6 +201,7 @@ def fix_tokenizer(folder: Path) -> None:
             if after.decode(b, skip_special_tokens=False) != text:
                 log.warning("tokenizer round trip differs on %r", text[:40])
         tj_path.write_text(json.dumps(tj, ensure_ascii=False, indent=1))
+    _fix_sentencepiece(tj_path, tj, hybrid)
     eos = _eos_token(folder)
     tc = json.loads(tc_path.read_text()) if tc_path.exists() else {}
     jinja = folder / "chat_template.jinja"
@@ -224,6 +229,39 @@ def fix_tokenizer(folder: Path) -> None:
         m["eos_token"] = eos
         m["pad_token"] = tc.get("pad_token", eos)
         stm.write_text(json.dumps(m, ensure_ascii=False, indent=2))
+
+
+def _fix_sentencepiece(tj_path: Path, tj: dict, hybrid: bool) -> None:
+    """A SentencePiece-style BPE (▁ pieces, byte fallback) must turn spaces into ▁ before the model
+    sees them. transformers 4.57's GGUF converter for Phi-3 leaves out that normalizer, so every space
+    is dropped ("Hello world" → "Helloworld"), and the byte fallback, so every newline is; put
+    Llama-2's back. Then any tokenizer must give back
+    the text it encoded, or the store refuses it rather than serve a model that reads other text."""
+    from tokenizers import Tokenizer
+
+    model = tj.get("model", {})
+    vocab = model.get("vocab")
+    spm = (not hybrid and model.get("type") == "BPE" and isinstance(vocab, dict)
+           and any(k.startswith("▁") for k in vocab))
+    changed = False
+    if spm and not tj.get("normalizer") and not tj.get("pre_tokenizer"):
+        tj["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+        changed = True
+    if spm and "<0x0A>" in vocab and not model.get("byte_fallback"):
+        model["byte_fallback"] = True  # the same converter drops it too: "\n" would vanish
+        changed = True
+    if changed:
+        tj_path.write_text(json.dumps(tj, ensure_ascii=False, indent=1))
+        log.info("GGUF tokenizer: restored the SentencePiece normalizer/byte fallback the conversion left out")
+    if hybrid:
+        return  # checked id for id against the original above
+    tok = Tokenizer.from_str(json.dumps(tj))
+    for text in ("Hello world, the capital of France is Paris.", "two  spaces and a\nnewline"):
+        back = tok.decode(tok.encode(text, add_special_tokens=False).ids, skip_special_tokens=True)
+        if back.strip() != text.strip():
+            raise StoreError(f"the GGUF's tokenizer, as converted, does not give back the text it encoded "
+                             f"({text!r} → {back!r}); this tokenizer is not supported yet")
 
 
 def finish_causal_artifact(out: Path, hf_dir: Path, repaired: bool) -> None:

@@ -90,3 +90,74 @@ def test_xlm_roberta_encoder_pooling_from_sentence_transformers(pooling, tmp_pat
     assert vec.shape == (1, 32) and np.isfinite(vec).all()
     if pooling == "cls":
         assert np.linalg.norm(vec[0]) == pytest.approx(1.0, abs=1e-4)
+
+
+# --- GGUF files of each family ------------------------------------------------------------------------
+
+SPM_FAMILIES = {"mistral", "phi3", "gemma2"}  # their GGUFs carry a SentencePiece vocabulary ("llama" model)
+
+
+def _tiny_for_gguf(folder, family):
+    """tiny_causal, except Qwen3 with head_dim 128: transformers 4.57 reads no head_dim from a qwen3 GGUF
+    (it ignores qwen3.attention.key_length) and takes Qwen3Config's 128, which every real Qwen3 has. And
+    Phi-3 with Phi-3-mini-4k's 4096 positions: a phi3 GGUF gives only the context length, and against
+    Phi3Config's default original_max_position_embeddings (4096) any other makes the genai builder take
+    the LongRoPE path, which fails (the HF-folder case, docs/model_store.md)."""
+    src = tiny_causal(folder, family)
+    if family == "phi3":
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["max_position_embeddings"] = cfg["original_max_position_embeddings"] = 4096
+        (src / "config.json").write_text(json.dumps(cfg))
+    if family == "qwen3":
+        import torch
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        cfg = Qwen3Config.from_pretrained(src)
+        cfg.head_dim = 128
+        for f in src.glob("*.safetensors"):
+            f.unlink()
+        torch.manual_seed(0)
+        Qwen3ForCausalLM(cfg).save_pretrained(src)
+    return src
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3", "gemma2"])
+def test_gguf_of_each_family_to_a_served_answer(family, tmp_path, monkeypatch):
+    """A Q8_0 GGUF of the family, written as llama.cpp writes it (Mistral as architecture "llama";
+    Mistral, Phi-3 and Gemma-2 with a SentencePiece vocabulary), through the store to the served runner,
+    whose logits are those of transformers reading the same GGUF. Llama's GGUFs: test_gguf_types.py."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gateway.engines.onnx_causal import OnnxCausalRunner
+
+    from .tiny_gguf import write_gguf
+
+    monkeypatch.setenv("FMGATE_BUILD_IN_PROCESS", "1")  # the child path is test_child.py's; saves its imports
+    src = _tiny_for_gguf(tmp_path / family, family)
+    gguf = write_gguf(src, tmp_path / f"tiny-{family}.Q8_0.gguf", "Q8_0", spm=family in SPM_FAMILIES)
+    store = ModelStore(tmp_path / "home", eval_settings=SMALL_EVAL)
+    art = store.load(str(gguf), task="chat", candidates=["onnx-gguf-native"])
+    rows = {r["variant"]: r for r in art.manifest["candidates"]}
+    skipped = {r["variant"]: r["reason"] for r in art.manifest["not_applicable"]}
+    if family == "mistral":  # architecture "llama": its Q8_0 blocks are served natively
+        assert rows["onnx-gguf-native"]["passes"]
+    else:
+        assert f"architecture '{family}'" in skipped["onnx-gguf-native"]
+    assert art.format == "onnx-genai" and np.isfinite(rows["genai-fp32"]["quality"]["perplexity"])
+
+    from model_store.quality import _tokenizer
+
+    tok = _tokenizer(art.path)
+    text = "The capital of France is"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert tok.decode(ids) == text  # the converted (and repaired) tokenizer gives back its text
+    runner = OnnxCausalRunner(art.path, capacity=1, max_seq_len=64, threads=1, prefix_cache_blocks=0)
+    logits = np.asarray(runner.prefill(0, ids), np.float32).reshape(-1)
+    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0, -1].numpy()
+    cos = float(logits @ want / (np.linalg.norm(logits) * np.linalg.norm(want)))
+    assert cos > (0.999 if art.variant == "genai-fp32" else 0.99), (art.variant, cos)
+    nxt = runner.decode([0], [int(logits.argmax())])[0]
+    assert np.isfinite(np.asarray(nxt)).all()

@@ -175,10 +175,16 @@ def tiny_llama_weights(folder: Path) -> Path:
     return folder
 
 
-def write_gguf(hf: Path, path: Path, ftype: str) -> Path:
-    """The transformers Llama folder `hf` as a GGUF of `ftype`, laid out like llama.cpp's converter."""
+def write_gguf(hf: Path, path: Path, ftype: str, spm: bool = False) -> Path:
+    """The transformers folder `hf` as a GGUF of `ftype`, laid out like llama.cpp's converter:
+    tensor names from gguf-py's TensorNameMap, metadata from transformers' GGUF config mapping read
+    backwards. Llama and Mistral are written as llama.cpp writes them, architecture "llama" with its
+    Q/K row permutation; Gemma's norms get llama.cpp's +1. spm: a SentencePiece-style vocabulary
+    (tokenizer model "llama": ▁ pieces, byte tokens, scores, no merges), as Mistral, Phi-3 and Gemma
+    files carry, instead of the GPT-2 BPE one; the model's vocab_size must have room for it."""
     import gguf
     from safetensors.numpy import load_file
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
     cfg = json.loads((hf / "config.json").read_text())
     tj = json.loads((hf / "tokenizer.json").read_text())
@@ -186,64 +192,103 @@ def write_gguf(hf: Path, path: Path, ftype: str) -> Path:
     sd = {}
     for f in sorted(hf.glob("*.safetensors")):
         sd.update(load_file(f))
+    arch = {"mistral": "llama"}.get(cfg["model_type"], cfg["model_type"])
     layers, heads, kv = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    for i in range(layers):
-        for hname, gname in per_layer.items():
-            names[f"model.layers.{i}.{hname}.weight"] = f"blk.{i}.{gname}.weight"
+    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(arch_enum, layers)
 
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-llama")
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(layers)
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
-    w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
-    w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
-    w.add_rope_dimension_count(cfg["hidden_size"] // heads)
-    w.add_vocab_size(cfg["vocab_size"])
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{cfg['model_type']}")
     w.add_file_type(FILE_TYPE[ftype])
     w.add_quantization_version(2)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    for key, hf_key in GGUF_CONFIG_MAPPING[arch].items():
+        value = head_dim if key == "rope.dimension_count" else cfg.get(hf_key) if hf_key else None
+        if value is None:
+            continue
+        if isinstance(value, float):
+            w.add_float32(f"{arch}.{key}", value)
+        else:
+            w.add_uint32(f"{arch}.{key}", int(value))
 
-    vocab = tj["model"]["vocab"]
-    added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-    tokens = [""] * cfg["vocab_size"]
-    for tok, i in {**vocab, **added}.items():
-        tokens[i] = tok
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in added else 1 for t in tokens])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_pad_token_id(2)
-    w.add_add_bos_token(False)
-    w.add_add_space_prefix(False)
+    if spm:
+        _spm_tokenizer(w, cfg["vocab_size"])
+    else:
+        vocab = tj["model"]["vocab"]
+        added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+        tokens = [""] * cfg["vocab_size"]
+        for tok, i in {**vocab, **added}.items():
+            tokens[i] = tok
+        merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("smollm" if arch == "llama" else "qwen2")
+        w.add_token_list(tokens)
+        w.add_token_types([3 if t in added else 1 for t in tokens])
+        w.add_token_merges(merges)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        w.add_pad_token_id(2)
+        w.add_add_bos_token(False)
+        w.add_add_space_prefix(False)
     template = tc.get("chat_template") or ((hf / "chat_template.jinja").read_text()
                                            if (hf / "chat_template.jinja").exists() else None)
     if template:
         w.add_chat_template(template)
 
     for hname, arr in sd.items():
-        gname = names[hname]
+        gname = names.get_name(hname, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise ValueError(f"no GGUF name for {hname} ({arch})")
         arr = arr.astype(np.float32)
-        if ".attn_q." in gname:
+        if arch == "llama" and ".attn_q." in gname:
             arr = _permute(arr, heads)
-        elif ".attn_k." in gname:
+        elif arch == "llama" and ".attn_k." in gname:
             arr = _permute(arr, kv)
-        data, raw = encode(arr, tensor_type(gname, ftype, layers))
+        if arch.startswith("gemma") and gname.endswith("norm.weight"):
+            arr = arr + 1.0
+        qtype = "F32" if arr.ndim == 1 else tensor_type(gname, ftype, layers)
+        data, raw = encode(arr, qtype)
         w.add_tensor(gname, data, raw_dtype=raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+SPM_SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+def spm_vocab(size: int) -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-style BPE vocabulary of `size` pieces learned from the calibration text:
+    (pieces, scores, token types) with llama.cpp's types (1 normal, 2 unknown, 3 control, 6 byte)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from .tiny import _lines
+
+    learn = size - len(SPM_SPECIAL) - 256
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.train_from_iterator(_lines(), trainers.BpeTrainer(vocab_size=learn, show_progress=False))
+    pieces = [p for p, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])][:learn]
+    tokens = SPM_SPECIAL + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    tokens += [f"<unused{i}>" for i in range(size - len(tokens))]
+    types = [2] + [3] * (len(SPM_SPECIAL) - 1) + [6] * 256 + [1] * (size - len(SPM_SPECIAL) - 256)
+    scores = [0.0] * (len(SPM_SPECIAL) + 256) + [-float(i) for i in range(size - len(SPM_SPECIAL) - 256)]
+    return tokens, scores, types
+
+
+def _spm_tokenizer(w, size: int) -> None:
+    tokens, scores, types = spm_vocab(size)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(SPM_SPECIAL.index("<|im_end|>"))
+    w.add_unk_token_id(0)
+    w.add_pad_token_id(SPM_SPECIAL.index("<|im_end|>"))
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(True)
