@@ -25,7 +25,9 @@ the store serves them from the dequantized transformers folder (fp32, or re-quan
 
 GGUF stores each 32-block as 16 bytes with elements 0-15 in the low nibbles and 16-31 in the high
 ones; MatMulNBits packs consecutive pairs (low, high). llama's Q/K rows are permuted by the GGUF
-converter for its rotary layout; transformers (and so the builder) undoes that, and so do we.
+converter for its rotary layout; transformers (and so the builder) undoes that, and so do we. Qwen2/3,
+Phi-3 and Gemma-2 files are not permuted; Phi-3's fuse q/k/v (attn_qkv) and gate/up (ffn_up), which
+are sliced by rows into the builder's projections.
 
 accuracy_level 4 (the builder's default) quantizes activations to int8 per 32-block, as llama.cpp's
 own Q8_1 activation path does; levels 0/1 keep them fp32 and then match an fp32 build to ~1e-6.
@@ -71,6 +73,8 @@ _PROJ = {
 # GGUF block types re-packed here, each decoded to unsigned codes u with one scale d (and offset c)
 # per block: w = d*(u - z) + c, z = 8 for 4-bit codes, 128 for 8-bit ones.
 NATIVE_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+# Architectures whose genai build names its weights as _PROJ expects (tested in test_families.py).
+NATIVE_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma2")
 
 
 @dataclass
@@ -244,8 +248,8 @@ def native_support(gguf_path: Path) -> tuple[bool, str]:
         arch, tensors = gguf_summary(gguf_path)
     except (OSError, ValueError, IndexError, KeyError, __import__("struct").error) as exc:
         return False, f"cannot read the GGUF header ({type(exc).__name__}: {exc})"
-    if arch != "llama":
-        return False, f"GGUF architecture {arch!r}: only llama GGUFs are re-packed"
+    if arch not in NATIVE_ARCHS:
+        return False, f"GGUF architecture {arch!r}: only {', '.join(NATIVE_ARCHS)} GGUFs are re-packed"
     weights = {t for t, nd in tensors.values() if nd > 1}
     other = sorted(weights - set(NATIVE_TYPES))
     if other:
@@ -380,20 +384,42 @@ def repack_gguf_weights(gguf_path: Path, model_dir: Path, accuracy_level: int | 
     reader = GGUFReader(gguf_path)
     arch_field = reader.fields.get("general.architecture")
     arch = arch_field.contents() if arch_field else None
-    if arch != "llama":
-        raise StoreError(f"{gguf_path.name}: architecture {arch!r}; only llama GGUFs are re-packed")
-    heads = int(reader.fields["llama.attention.head_count"].contents())
-    kv_field = reader.fields.get("llama.attention.head_count_kv")
+    if arch not in NATIVE_ARCHS:
+        raise StoreError(f"{gguf_path.name}: architecture {arch!r}; only {', '.join(NATIVE_ARCHS)} GGUFs are re-packed")
+    heads = int(reader.fields[f"{arch}.attention.head_count"].contents())
+    kv_field = reader.fields.get(f"{arch}.attention.head_count_kv")
     kv_heads = int(kv_field.contents()) if kv_field else heads
     tensors = {t.name: t for t in reader.tensors}
 
+    hidden = int(reader.fields[f"{arch}.embedding_length"].contents())
+    head_dim = hidden // heads
+
+    def fused(name: str) -> _Blocks | None:
+        """Phi-3's files fuse q/k/v into attn_qkv and gate/up into ffn_up: a part is a slice of rows."""
+        _, blk, part = name.split(".")[:3]
+        base = f"blk.{blk}."
+        if part in ("attn_q", "attn_k", "attn_v") and base + "attn_qkv.weight" in tensors:
+            sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+            start = sum(sizes[:("attn_q", "attn_k", "attn_v").index(part)])
+            rows = np.arange(start, start + sizes[("attn_q", "attn_k", "attn_v").index(part)])
+            return _decode(tensors[base + "attn_qkv.weight"]).rows(rows)
+        if part in ("ffn_gate", "ffn_up") and base + "ffn_gate.weight" not in tensors and base + "ffn_up.weight" in tensors:
+            both = _decode(tensors[base + "ffn_up.weight"])
+            half = both.q.shape[0] // 2
+            return both.rows(np.arange(half) + (0 if part == "ffn_gate" else half))
+        return None
+
     def blocks(name: str) -> _Blocks:
-        if name not in tensors:
-            raise StoreError(f"{gguf_path.name}: no tensor {name}")
+        if name not in tensors or (name.endswith("ffn_up.weight") and name.replace("ffn_up", "ffn_gate") not in tensors
+                                   and arch == "phi3"):
+            b = fused(name)
+            if b is None:
+                raise StoreError(f"{gguf_path.name}: no tensor {name}")
+            return b
         b = _decode(tensors[name])
-        if ".attn_q." in name:
+        if arch == "llama" and ".attn_q." in name:  # only llama.cpp's llama converter permutes Q/K
             b = b.rows(_unpermute(b.q.shape[0], heads))
-        elif ".attn_k." in name:
+        elif arch == "llama" and ".attn_k." in name:
             b = b.rows(_unpermute(b.q.shape[0], kv_heads))
         return b
 
@@ -468,7 +494,7 @@ def repack_gguf_weights(gguf_path: Path, model_dir: Path, accuracy_level: int | 
             g.add(g.after, pos, "Add", [node.output[0], corr], out)
             summary["corrections"] += 1
         summary["repacked"] += 1
-        summary["tensors"].update({s: tensors[s].tensor_type.name for s in sources})
+        summary["tensors"].update({s: _source_type(tensors, s) for s in sources})
 
     summary["accuracy_level"] = sorted(levels)
     summary["embedding"] = _replace_embedding(g, tensors["token_embd.weight"], blocks, head_q8)
@@ -477,6 +503,15 @@ def repack_gguf_weights(gguf_path: Path, model_dir: Path, accuracy_level: int | 
     log.info("re-packed %d GGUF weights into %s (%d offset terms, %.1f MB)", summary["repacked"],
              model_dir, summary["corrections"], summary["bytes"] / 1e6)
     return summary
+
+
+def _source_type(tensors: dict, name: str) -> str:
+    """The block type of a tensor, or of the fused one it is a slice of (Phi-3)."""
+    if name in tensors:
+        return tensors[name].tensor_type.name
+    _, blk, part = name.split(".")[:3]
+    whole = f"blk.{blk}.attn_qkv.weight" if part.startswith("attn_") else f"blk.{blk}.ffn_up.weight"
+    return tensors[whole].tensor_type.name
 
 
 def _replace_embedding(g: _Graph, table: Any, blocks: Callable[[str], _Blocks], head_q8: str | None) -> str:
