@@ -1,9 +1,13 @@
 """Fair shares under a flood: key A keeps 32 streams busy, key B sends a steady trickle.
 
-Reports B's time to first token (p50/p95) alone and under A's flood, and A's throughput, for FCFS and
+Reports B's time to first token (p50/p95) alone (before and after the flood, pooled) and under A's flood, and A's throughput, for FCFS and
 for the fair policy side by side. Each policy gets its own `fmgate serve` (FMGATE_FAIRNESS).
 
-    .venv/bin/python -m bench.fairness --duration 20
+    .venv/bin/python -m bench.fairness --duration 20 [--out bench/results/fairness.json]
+
+The fair policy shares the batch slots themselves: a key with nothing running preempts one of the
+flooding key's sequences at the next step (gateway/scheduler/fair.py), so B's TTFT under the flood is about
+one engine step more than alone. FCFS makes B wait behind A's whole backlog.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import argparse
 import asyncio
 import json
 import os
+import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -77,11 +83,12 @@ async def one(client: httpx.AsyncClient, key: str, prompt: str, max_tokens: int)
     return ttft, chunks
 
 
-async def measure(base: str, key_a: str, key_b: str, duration: float, streams: int, every: float) -> dict:
+async def measure(base: str, key_a: str, key_b: str, duration: float, streams: int, every: float,
+                  alone_n: int = 10) -> dict:
     limits = httpx.Limits(max_connections=streams + 8)
     async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
         await one(client, key_b, "Hi", 4)  # warm-up
-        alone = [(await one(client, key_b, "Name a fruit.", 16))[0] for _ in range(6)]
+        alone = [(await one(client, key_b, "Name a fruit.", 16))[0] for _ in range(alone_n)]
         stop = time.monotonic() + duration
         a_tokens = 0
 
@@ -101,7 +108,11 @@ async def measure(base: str, key_a: str, key_b: str, duration: float, streams: i
         under = [ttft for ttft, _ in await asyncio.gather(*trickle)]
         await asyncio.gather(*workers)
         a_rate = a_tokens / (time.monotonic() - t_flood + 3)
-    return {"alone": alone, "under": under, "a_tok_s": a_rate}
+        # B alone again once the flood is over: on a shared box the load drifts, so "alone" pools both sides.
+        alone += [(await one(client, key_b, "Name a fruit.", 16))[0] for _ in range(alone_n)]
+        metrics = (await client.get("/metrics")).text
+    m = re.search(r'^fmgate_preemptions_total\{model="' + re.escape(CHAT) + r'"\} ([0-9.]+)$', metrics, re.M)
+    return {"alone": alone, "under": under, "a_tok_s": a_rate, "preemptions": float(m.group(1)) if m else 0.0}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -117,7 +128,9 @@ def main() -> None:
     ap.add_argument("--b-every", type=float, default=2.0, help="seconds between B's requests")
     ap.add_argument("--home", default=os.environ.get("FMGATE_HOME") or str(ROOT / ".fmgate" / "test-home"))
     ap.add_argument("--port", type=int, default=18600)
+    ap.add_argument("--out", help="write the raw figures as JSON here")
     args = ap.parse_args()
+    load_before = os.getloadavg()
     results = {}
     for i, policy in enumerate(("fcfs", "fair")):
         port = args.port + i
@@ -136,12 +149,27 @@ def main() -> None:
                 proc.kill()
     print(f"\nA: {args.streams} streams x 64 tokens; B: one 16-token request every {args.b_every:g}s; "
           f"batch {args.max_num_seqs}")
-    print(f"{'policy':8} {'B alone p50':>12} {'B flood p50':>12} {'B flood p95':>12} {'p50 ratio':>10} "
-          f"{'B n':>4} {'A tok/s':>8}")
+    print(f"{'policy':8} {'B alone p50':>12} {'p95':>7} {'B flood p50':>12} {'p95':>7} {'p50 ratio':>10} "
+          f"{'B n':>4} {'A tok/s':>8} {'preempt':>7}")
+    summary = {}
     for policy, r in results.items():
         alone, under = statistics.median(r["alone"]), statistics.median(r["under"]) if r["under"] else float("nan")
-        print(f"{policy:8} {alone * 1e3:10.0f}ms {under * 1e3:10.0f}ms {pct(r['under'], 0.95) * 1e3:10.0f}ms "
-              f"{under / alone:9.2f}x {len(r['under']):4d} {r['a_tok_s']:8.1f}")
+        summary[policy] = {"b_alone_p50_ms": alone * 1e3, "b_alone_p95_ms": pct(r["alone"], 0.95) * 1e3,
+                           "b_flood_p50_ms": under * 1e3, "b_flood_p95_ms": pct(r["under"], 0.95) * 1e3,
+                           "p50_ratio": under / alone, "b_requests": len(r["under"]), "a_tok_s": r["a_tok_s"],
+                           "preemptions": r["preemptions"]}
+        s = summary[policy]
+        print(f"{policy:8} {s['b_alone_p50_ms']:10.0f}ms {s['b_alone_p95_ms']:5.0f}ms {s['b_flood_p50_ms']:10.0f}ms "
+              f"{s['b_flood_p95_ms']:5.0f}ms {s['p50_ratio']:9.2f}x {s['b_requests']:4d} {s['a_tok_s']:8.1f} "
+              f"{s['preemptions']:7.0f}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({
+            "bench": "fairness", "settings": vars(args) | {"home": None},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+            "summary": summary, "raw_seconds": results}, indent=1) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
