@@ -61,6 +61,8 @@ class EmbeddingBatcher:
         self._queue: FairQueue[tuple[EmbedJob, int]] = FairQueue(
             fairness, quantum=32, cost=_input_tokens, key=lambda it: (it[0].tenant, it[0].weight))
         self._stopping = False
+        self._depth = metrics.QUEUE_DEPTH.labels(name)  # looked up once: labels() costs a lock and a dict
+        self._batch_size = metrics.BATCH_SIZE.labels(name, "embed")
         self._rate = 200.0  # inputs per second, moving average, for Retry-After
         self._thread = threading.Thread(target=self._loop, name=f"embed-{name}", daemon=True)
         self._thread.start()
@@ -79,7 +81,7 @@ class EmbeddingBatcher:
             before = len(self._queue)
             for i in range(len(inputs)):
                 self._queue.push((job, i))
-            metrics.QUEUE_DEPTH.labels(self.name).set(len(self._queue))
+            self._depth.set(len(self._queue))
             # The batcher thread waits for a first input, then for a full batch (or its deadline): wake it
             # only for those, not once per request (each wake-up is a GIL hand-over for nothing).
             if before == 0 or len(self._queue) >= self.max_batch_size:
@@ -119,7 +121,7 @@ class EmbeddingBatcher:
                     job, i = self._queue.pop()
                     if not job.cancelled and not job.failed:
                         take.append((job, i))
-                metrics.QUEUE_DEPTH.labels(self.name).set(len(self._queue))
+                self._depth.set(len(self._queue))
             if take:
                 self._run(take)
 
@@ -146,7 +148,7 @@ class EmbeddingBatcher:
                         job.done(None, exc)
                 start = end
                 continue
-            metrics.BATCH_SIZE.labels(self.name, "embed").observe(len(chunk))
+            self._batch_size.observe(len(chunk))
             for (job, i), vec in zip(chunk, vecs, strict=True):
                 if job.failed:
                     continue
