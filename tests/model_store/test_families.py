@@ -166,3 +166,44 @@ def test_gguf_of_each_family_to_a_served_answer(family, tmp_path, monkeypatch):
     runner = OnnxCausalRunner(native.path, capacity=1, max_seq_len=64, threads=1, prefix_cache_blocks=0)
     got = np.asarray(runner.prefill(0, ids), np.float32).reshape(-1)
     assert float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want))) > 0.999
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3", "gemma2"])
+def test_k_quant_gguf_of_each_family_served_natively(family, tmp_path, monkeypatch):
+    """Q4_K_M (Q4_K with Q6_K attn_v/ffn_down/output, as llama.cpp mixes them) of each non-Llama family,
+    wide enough for K-quants' 256-blocks: the re-packed blocks (Qwen's q/k/v biases, Phi-3's fused
+    attn_qkv and ffn_up, Gemma's norms left to the builder) give transformers' logits for the file."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gateway.engines.onnx_causal import OnnxCausalRunner
+    from model_store.quality import _tokenizer
+
+    from .tiny_gguf import write_gguf
+
+    monkeypatch.setenv("FMGATE_BUILD_IN_PROCESS", "1")
+    src = _tiny_for_gguf(tmp_path / family, family)
+    cfg = AutoConfig.from_pretrained(src)
+    cfg.hidden_size, cfg.intermediate_size = 256, 512
+    if family == "gemma2":
+        cfg.head_dim = 64
+    for f in src.glob("*.safetensors"):
+        f.unlink()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # weights of the usual scale, so 4-bit rounding matters as it does in real files
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 1.0 if "embed" in name else 1.0 / np.sqrt(p.shape[1]))
+    model.save_pretrained(src)
+    gguf = write_gguf(src, tmp_path / f"tiny-{family}.Q4_K_M.gguf", "Q4_K_M", spm=family in SPM_FAMILIES)
+    art = ModelStore(tmp_path / "home", eval_settings=SMALL_EVAL).load(str(gguf), task="chat",
+                                                                        variant="onnx-gguf-native")
+    assert art.manifest["candidates"][0]["passes"], art.manifest["candidates"][0]["reason"]
+    ids = _tokenizer(art.path).encode("The capital of France is", add_special_tokens=False).ids
+    runner = OnnxCausalRunner(art.path, capacity=1, max_seq_len=64, threads=1, prefix_cache_blocks=0)
+    got = np.asarray(runner.prefill(0, ids), np.float32).reshape(-1)
+    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0, -1].numpy()
+    assert float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want))) > 0.999
