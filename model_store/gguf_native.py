@@ -26,7 +26,7 @@ the store serves them from the dequantized transformers folder (fp32, or re-quan
 GGUF stores each 32-block as 16 bytes with elements 0-15 in the low nibbles and 16-31 in the high
 ones; MatMulNBits packs consecutive pairs (low, high). llama's Q/K rows are permuted by the GGUF
 converter for its rotary layout; transformers (and so the builder) undoes that, and so do we. Qwen2/3,
-Phi-3 and Gemma-2 files are not permuted; Phi-3's fuse q/k/v (attn_qkv) and gate/up (ffn_up), which
+Phi-3 and Gemma-2/3 files are not permuted; Phi-3's fuse q/k/v (attn_qkv) and gate/up (ffn_up), which
 are sliced by rows into the builder's projections.
 
 accuracy_level 4 (the builder's default) quantizes activations to int8 per 32-block, as llama.cpp's
@@ -74,7 +74,7 @@ _PROJ = {
 # per block: w = d*(u - z) + c, z = 8 for 4-bit codes, 128 for 8-bit ones.
 NATIVE_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 # Architectures whose genai build names its weights as _PROJ expects (tested in test_families.py).
-NATIVE_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma2")
+NATIVE_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 
 
 @dataclass

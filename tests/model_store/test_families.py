@@ -207,3 +207,70 @@ def test_k_quant_gguf_of_each_family_served_natively(family, tmp_path, monkeypat
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0, -1].numpy()
     assert float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want))) > 0.999
+
+
+def _wide(folder, family):
+    """Gemma-3 (text) and Phi-4-mini (phi3 with partial rotary 0.75 and tied embeddings), 256 wide:
+    genai's attention needs the rotary half-width to be a multiple of 8, and K-quants 256-blocks."""
+    import torch
+    import transformers as tf
+
+    from .tiny import tiny_llama
+
+    tiny_llama(folder)
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    common = {"vocab_size": vocab, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+              "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "tie_word_embeddings": True}
+    if family == "gemma3":
+        cfg, model = tf.Gemma3TextConfig(**common, head_dim=64, sliding_window=128), tf.Gemma3ForCausalLM
+    else:
+        cfg, model = tf.Phi3Config(**common, partial_rotary_factor=0.75, original_max_position_embeddings=4096), \
+            tf.Phi3ForCausalLM
+    torch.manual_seed(0)
+    model(cfg).save_pretrained(folder)
+    return folder
+
+
+def _served_logits(art, ids):
+    from gateway.engines.onnx_causal import OnnxCausalRunner
+
+    runner = OnnxCausalRunner(art.path, capacity=1, max_seq_len=64, threads=1, prefix_cache_blocks=0)
+    return np.asarray(runner.prefill(0, ids), np.float32).reshape(-1)
+
+
+def _cos(a, b):
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("family", ["gemma3", "phi4-mini"])
+def test_newer_families_to_a_served_answer(family, tmp_path, monkeypatch):
+    """Gemma-3 and Phi-4-mini HF folders to the served runner, logits = transformers'; Gemma-3 also as
+    a Q4_K_M GGUF (architecture gemma3), served natively. (A Phi-4-mini GGUF is architecture phi3, and
+    transformers 4.57 reads no partial rotary factor from it: not covered.)"""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from model_store.quality import _tokenizer
+
+    from .tiny_gguf import write_gguf
+
+    monkeypatch.setenv("FMGATE_BUILD_IN_PROCESS", "1")
+    src = _wide(tmp_path / family, family)
+    store = ModelStore(tmp_path / "home", eval_settings=SMALL_EVAL)
+    art = store.load(str(src), task="chat", variant="genai-fp32")
+    ids = _tokenizer(art.path).encode("The capital of France is", add_special_tokens=False).ids
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(torch.tensor([ids])).logits[0, -1].numpy()
+    assert _cos(_served_logits(art, ids), want) > 0.9999
+    if family != "gemma3":
+        return
+    gguf = write_gguf(src, tmp_path / "tiny-gemma3.Q4_K_M.gguf", "Q4_K_M", spm=True)
+    native = store.load(str(gguf), task="chat", variant="onnx-gguf-native")
+    ids = _tokenizer(native.path).encode("The capital of France is", add_special_tokens=False).ids
+    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0, -1].numpy()
+    assert _cos(_served_logits(native, ids), want) > 0.999

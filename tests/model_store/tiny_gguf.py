@@ -192,7 +192,7 @@ def write_gguf(hf: Path, path: Path, ftype: str, spm: bool = False) -> Path:
     sd = {}
     for f in sorted(hf.glob("*.safetensors")):
         sd.update(load_file(f))
-    arch = {"mistral": "llama"}.get(cfg["model_type"], cfg["model_type"])
+    arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(cfg["model_type"], cfg["model_type"])
     layers, heads, kv = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(arch_enum, layers)
