@@ -14,7 +14,8 @@ import onnxruntime as ort
 class OnnxEncoderRunner:
     device = "cpu"
 
-    def __init__(self, model_dir: Path, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    def __init__(self, model_dir: Path, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 spin: bool = False):
         model_dir = Path(model_dir)
         meta = json.loads((model_dir / "fmgate_encoder.json").read_text())
         self.pooling = meta.get("pooling", "mean")
@@ -26,6 +27,10 @@ class OnnxEncoderRunner:
         so.intra_op_num_threads = threads or (os.cpu_count() or 1)
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spin:
+            # onnxruntime's pool threads spin after each run by default, on the cores the event loop and the
+            # tokenizer need between batches; a server with many small requests does better without it.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(model_dir / "model.onnx"), so, providers=list(providers))
         self._inputs = {i.name for i in self.session.get_inputs()}
         self._output = self.session.get_outputs()[0].name
