@@ -105,6 +105,8 @@ class EngineClient(LLMEngine):
 
     def close(self) -> None:
         self._io.stop()
+        self.up = False
+        metrics.ENGINE_UP.labels(self.name).set(0)
         self._fail_all("abort", None, None)
 
     # -- called by the I/O thread --
