@@ -90,29 +90,42 @@ async def measure(base: str, key_a: str, key_b: str, duration: float, streams: i
         await one(client, key_b, "Hi", 4)  # warm-up
         alone = [(await one(client, key_b, "Name a fruit.", 16))[0] for _ in range(alone_n)]
         stop = time.monotonic() + duration
-        a_tokens = 0
-
-        async def flood():
-            nonlocal a_tokens
-            while time.monotonic() < stop:
-                _, n = await one(client, key_a, "Write a long story about a lighthouse keeper.", 64)
-                a_tokens += n
-
-        workers = [asyncio.create_task(flood()) for _ in range(streams)]
+        # A is another app: its own process, so parsing A's streams does not delay B's client.
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.fairness", "--flood", base, key_a, str(duration), str(streams),
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE)
         await asyncio.sleep(3)  # let A's backlog build
-        t_flood = time.monotonic()
         trickle = []
         while time.monotonic() < stop - 2:  # open loop: one request every `every` s, whatever the last does
             trickle.append(asyncio.create_task(one(client, key_b, "Name a fruit.", 16)))
             await asyncio.sleep(every)
         under = [ttft for ttft, _ in await asyncio.gather(*trickle)]
-        await asyncio.gather(*workers)
-        a_rate = a_tokens / (time.monotonic() - t_flood + 3)
+        out, _ = await worker.communicate()
+        flood_result = json.loads(out.decode().strip().splitlines()[-1])
+        a_rate = flood_result["tokens"] / flood_result["seconds"]
         # B alone again once the flood is over: on a shared box the load drifts, so "alone" pools both sides.
         alone += [(await one(client, key_b, "Name a fruit.", 16))[0] for _ in range(alone_n)]
         metrics = (await client.get("/metrics")).text
     m = re.search(r'^fmgate_preemptions_total\{model="' + re.escape(CHAT) + r'"\} ([0-9.]+)$', metrics, re.M)
     return {"alone": alone, "under": under, "a_tok_s": a_rate, "preemptions": float(m.group(1)) if m else 0.0}
+
+
+async def flood(base: str, key: str, duration: float, streams: int) -> dict:
+    """Key A: `streams` concurrent streams, each starting its next request as the last ends."""
+    limits = httpx.Limits(max_connections=streams + 4)
+    tokens = 0
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
+        t0 = time.monotonic()
+        stop = t0 + duration
+
+        async def loop():
+            nonlocal tokens
+            while time.monotonic() < stop:
+                _, n = await one(client, key, "Write a long story about a lighthouse keeper.", 64)
+                tokens += n
+
+        await asyncio.gather(*(loop() for _ in range(streams)))
+    return {"tokens": tokens, "seconds": time.monotonic() - t0}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -129,7 +142,12 @@ def main() -> None:
     ap.add_argument("--home", default=os.environ.get("FMGATE_HOME") or str(ROOT / ".fmgate" / "test-home"))
     ap.add_argument("--port", type=int, default=18600)
     ap.add_argument("--out", help="write the raw figures as JSON here")
+    ap.add_argument("--flood", nargs=4, metavar=("BASE", "KEY", "SECONDS", "STREAMS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.flood:  # the flooding client's own process
+        base, key, seconds, streams = args.flood
+        print(json.dumps(asyncio.run(flood(base, key, float(seconds), int(streams)))))
+        return
     load_before = os.getloadavg()
     results = {}
     for i, policy in enumerate(("fcfs", "fair")):
@@ -165,7 +183,7 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
-            "bench": "fairness", "settings": vars(args) | {"home": None},
+            "bench": "fairness", "settings": vars(args) | {"home": None, "flood": None},
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
             "summary": summary, "raw_seconds": results}, indent=1) + "\n")

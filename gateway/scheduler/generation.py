@@ -176,6 +176,7 @@ class GenerationScheduler:
         self._faults = 0  # runner faults since the last good decode step
         self._step_seconds = 0.05  # moving average, for Retry-After
         self._fair = getattr(self._waiting, "policy", "fcfs") == "fair"
+        self._arrived = False  # something was submitted since the last admission
         self.preemptions = 0  # sequences paused to give their slot to another tenant
         self._admissions = itertools.count()
         self._last_served: dict[str, int] = {}  # tenant -> its latest admission's number (ties go round)
@@ -208,6 +209,7 @@ class GenerationScheduler:
             for seq in seqs:
                 self._waiting.push(seq)
             self._live.update(seqs)
+            self._arrived = True
             metrics.QUEUE_DEPTH.labels(self.name).set(len(self._waiting))
             self._cv.notify()
         return seqs
@@ -301,6 +303,7 @@ class GenerationScheduler:
                 self._cancel_pending = False
                 gone = self._waiting.remove_if(lambda s: s.cancelled) if reap else []
                 gone += self._waiting.remove_if(_overdue) if any(map(_has_deadline, self._waiting)) else []
+                self._arrived = False
                 paused = self._admit()
                 metrics.QUEUE_DEPTH.labels(self.name).set(len(self._waiting))
             # Runner work (release, resize) happens outside the lock that submit and cancel take.
@@ -312,6 +315,8 @@ class GenerationScheduler:
                 self._finish_early(seq)
             t0 = time.monotonic()
             self._prefill_step()
+            if self._fair and self._arrived and self._running:
+                self._admit_before_decode()
             if self._running:
                 self._decode_step()
                 self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.monotonic() - t0)
@@ -356,6 +361,20 @@ class GenerationScheduler:
             active[t] = active.get(t, 0) + 1
             weights[t] = w
         return paused
+
+    def _admit_before_decode(self) -> None:
+        """Fair policy: a request that arrived during this iteration's prefills is admitted (and its prompt
+        prefilled) before the decode step, so a newcomer waits for at most one of the two phases."""
+        with self._cv:
+            self._arrived = False
+            before = set(self._prefilling)
+            paused = self._admit()
+            fresh = any(s not in before for s in self._prefilling)
+            metrics.QUEUE_DEPTH.labels(self.name).set(len(self._waiting))
+        for seq in paused:
+            self._drop_kv(seq)
+        if fresh:
+            self._prefill_step()
 
     def _victim(self, tenant: str) -> GenSequence | None:
         """The tenant's most recently admitted sequence that can be paused (not one whose prompt logprobs
