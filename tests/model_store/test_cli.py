@@ -39,12 +39,13 @@ def test_models_lifecycle(tmp_path, tiny_models, monkeypatch):
     manifest = json.loads(res.output)
     chosen = manifest["variant"]
     assert {c["variant"] for c in manifest["candidates"]} == {"ort-fp32", "ort-int8-per-channel",
-                                                                "ort-int8-weight-only", "ort-int8-per-tensor"}
+                                                                "ort-int8-weight-only", "ort-int8-per-tensor",
+                                                                "ort-int8-rowwise"}
 
     res = runner.invoke(models_app, ["list", "--json"])
     assert res.exit_code == 0, res.output
     [entry] = json.loads(res.output)
-    assert entry["name"] == "tiny-bert" and entry["chosen"] == chosen and len(entry["variants"]) == 4
+    assert entry["name"] == "tiny-bert" and entry["chosen"] == chosen and len(entry["variants"]) == 5
     res = runner.invoke(models_app, ["list"])
     assert "tiny-bert" in res.output and "✓" in res.output
 
@@ -52,7 +53,7 @@ def test_models_lifecycle(tmp_path, tiny_models, monkeypatch):
     assert res.exit_code == 0 and "why:" in res.output and "ort-int8-per-tensor" in res.output
 
     res = runner.invoke(models_app, ["verify"])
-    assert res.exit_code == 0 and res.output.count("ok") == 4
+    assert res.exit_code == 0 and res.output.count("ok") == 5
     art = home / "models" / "artifacts" / manifest["key"] / "model.onnx"
     os.chmod(art, 0o644)
     with open(art, "r+b") as f:

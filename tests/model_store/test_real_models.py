@@ -127,7 +127,9 @@ def test_encoder_choice_and_artifact(minilm):
     for name in ("model.onnx", "tokenizer.json", "tokenizer_config.json", "config.json"):
         assert (art.path / name).is_file(), name
     rows = {r["variant"]: r for r in art.manifest["candidates"]}
-    assert set(rows) == {"ort-fp32", "ort-int8-per-channel", "ort-int8-weight-only", "ort-int8-per-tensor"}
+    assert set(rows) == {"ort-fp32", "ort-int8-per-channel", "ort-int8-weight-only", "ort-int8-per-tensor",
+                         "ort-int8-rowwise"}
+    assert rows["ort-int8-rowwise"]["quality"]["batch_invariance"] >= 0.99999
     assert rows["ort-int8-per-tensor"]["passes"] is False  # optimum's default costs ~4% cosine
     # Dynamic activation scales are per batch: a vector would change with its batchmates.
     assert rows["ort-int8-per-channel"]["passes"] is False
