@@ -132,7 +132,8 @@ def load_plugins() -> None:
     if _plugins_loaded:
         return
     _plugins_loaded = True
-    for mod in ("model_store.recipes_cuda", "model_store.recipes_encoder"):
+    for mod in ("model_store.recipes_cuda", "model_store.recipes_encoder", "model_store.recipes_int4",
+                "model_store.recipes_prune"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
