@@ -9,11 +9,12 @@ Intel Neural Compressor, and MatMulNBitsQuantizer for HQQ):
 * ort-int4-gptq: GPTQ over the Hessian of each MatMul's input on calibration text.
 * ort-int4-hqq: HQQ (half-quadratic). Its zero points are floats, which onnxruntime's CPU kernel
   serves by dequantizing the whole matrix on every call: kept out of `auto`, measured on request.
-* ort-int4-mixed: GPTQ 4-bit, with the MatMuls whose 4-bit error costs most kept at 8 bits, the way
-  llama.cpp's Q4_K_M keeps some tensors at 6 bits. Sensitivity is measured, not listed: the
-  Hessian-weighted relative output error tr(EᵀHE)/tr(WᵀHW) of each MatMul's 4-bit weights E = W - Q(W)
-  on the calibration activations. The most sensitive MatMuls are kept at 8 bits until they hold
-  `mix_fraction` of the MatMul weights.
+* ort-int4-mixed: GPTQ 4-bit, with the output head and the MatMuls whose 4-bit error costs most kept
+  at 8 bits, the way llama.cpp's Q4_K_M keeps some tensors at 6 bits. Sensitivity is measured, not
+  listed: the error tr(EᵀHE) each MatMul's 4-bit weights E = W - Q(W) add to its output on the
+  calibration activations (H = XᵀX). The head, then the most sensitive MatMuls, are kept at 8 bits
+  until they hold `mix_fraction` of the MatMul weights. (Ranking by the error relative to the
+  output, tr(EᵀHE)/tr(WᵀHW), picked up_proj everywhere and did worse: see docs/cpu_speed.md.)
 
 Calibration uses tokens of model_store/data/calibration.txt *after* the ones the quality gate
 scores, so a calibrated variant is not measured on the text it was fitted to.
@@ -267,6 +268,15 @@ def relative_error(w: np.ndarray, deq: np.ndarray, h: np.ndarray | None) -> floa
     return float(((h @ e) * e).sum() / max(((h @ w64) * w64).sum(), 1e-30))
 
 
+def output_error(w: np.ndarray, deq: np.ndarray, h: np.ndarray | None) -> float:
+    """tr(EᵀHE)/n: the mean squared error the quantized weight adds to the MatMul's output (which is
+    added to the residual stream), per calibration token. Ranks MatMuls for 8 bits."""
+    e = (w - deq).astype(np.float64)
+    if h is None:
+        return float((e * e).sum())
+    return float(((h @ e) * e).sum())
+
+
 def choose_8bit(sizes: Mapping[str, int], errors: Mapping[str, float], fraction: float,
                 first: Iterable[str] = ()) -> list[str]:
     """The MatMuls in `first` (the output head, whose error reaches the logits unattenuated), then the
@@ -306,6 +316,7 @@ def quantize_graph(fp32: Path, out: Path, *, algo: str, block: int, accuracy_lev
                                   threads=threads)
     four: dict[str, tuple] = {}
     errors: dict[str, float] = {}
+    harm: dict[str, float] = {}
     sizes: dict[str, int] = {}
     weights: dict[str, np.ndarray] = {}
     with step(f"quantize 4-bit ({algo})"):
@@ -315,10 +326,11 @@ def quantize_graph(fp32: Path, out: Path, *, algo: str, block: int, accuracy_lev
             weights[node.name] = w
             four[node.name] = quantize_weight(w, 4, algo, block, h)
             errors[node.name] = relative_error(w, four[node.name][3], h)
+            harm[node.name] = output_error(w, four[node.name][3], h)
             sizes[node.name] = int(w.size)
     heads = [n.name for n, _ in pairs if n.output[0] in {o.name for o in model.graph.output}
              or n.name.startswith("/lm_head/")]
-    eight = set(choose_8bit(sizes, errors, mix_fraction, heads)) if mix_fraction > 0 else set()
+    eight = set(choose_8bit(sizes, harm, mix_fraction, heads)) if mix_fraction > 0 else set()
     new_nodes, drop, inits = [], set(), []
     for node, init in pairs:
         w = weights[node.name]
@@ -352,7 +364,8 @@ def quantize_graph(fp32: Path, out: Path, *, algo: str, block: int, accuracy_lev
             "mix_fraction": mix_fraction, "first": heads if mix_fraction > 0 else [],
             "calibration_tokens": int(sum(len(s) for s in calibration_samples(fp32))) if hs else 0,
             "matmuls": {n.name: {"bits": 8 if n.name in eight else 4, "params": sizes[n.name],
-                                 "rel_error_4bit": round(errors[n.name], 6)} for n, _ in pairs}}
+                                 "rel_error_4bit": round(errors[n.name], 6),
+                                 "out_error_4bit": float(f"{harm[n.name]:.6g}")} for n, _ in pairs}}
     (out / PLAN_FILE).write_text(json.dumps(plan, indent=1))
     return plan
 

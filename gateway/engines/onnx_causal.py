@@ -65,6 +65,7 @@ class OnnxCausalRunner:
         self._lens = np.zeros(capacity, dtype=np.int64)
         self._buf_len = 0
         self._kv: list[tuple[np.ndarray, np.ndarray]] = []
+        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self._resize(_MIN_LEN)
         self._prefix: OrderedDict[bytes, np.ndarray] = OrderedDict()  # chain hash -> [layers, 2, kv, B, hd]
         self._prefix_cap = prefix_cache_blocks
@@ -176,10 +177,29 @@ class OnnxCausalRunner:
         total = self._lens[lo:hi] + np.where(advance > 0, advance, 1)
         width = int(total.max())
         mask = (np.arange(width)[None, :] < total[:, None]).astype(np.int64)
-        b = self.session.io_binding()
+        b = self._binding(lo, hi)
         b.bind_cpu_input("input_ids", ids)
         b.bind_cpu_input("attention_mask", mask)
         b.bind_output("logits")
+        self.session.run_with_iobinding(b)
+        self._lens[lo:hi] += advance
+        # Only the logits are copied out; presents live in our buffers already.
+        return b.get_outputs()[0].numpy()
+
+    def _binding(self, lo: int, hi: int) -> ort.IOBinding:
+        """An IOBinding with the KV views of rows [lo, hi) bound as past and present (the same memory).
+
+        Kept per row range until the buffers are reallocated: building one binds 4 names per layer,
+        which at batch 1 cost about as much as the sampling and detokenization of the token together.
+        Only input_ids, attention_mask and logits are bound again on every run."""
+        key = (lo, hi)
+        b = self._bindings.get(key)
+        if b is not None:
+            return b
+        if len(self._bindings) >= 4 * self.capacity:
+            self._bindings.clear()
+        b = self.session.io_binding()
+        b.bind_output("logits")  # first: rebinding a name keeps its place, so logits stay output 0
         for (pk, pv), (ok, ov), (k, v) in zip(self._past, self._present, self._kv, strict=True):
             kval = ort.OrtValue.ortvalue_from_numpy(k[lo:hi])
             vval = ort.OrtValue.ortvalue_from_numpy(v[lo:hi])
@@ -187,10 +207,8 @@ class OnnxCausalRunner:
             b.bind_ortvalue_input(pv, vval)
             b.bind_ortvalue_output(ok, kval)
             b.bind_ortvalue_output(ov, vval)
-        self.session.run_with_iobinding(b)
-        self._lens[lo:hi] += advance
-        # Only the logits are copied out; presents live in our buffers already.
-        return b.get_outputs()[0].numpy()
+        self._bindings[key] = b
+        return b
 
     def _ensure_len(self, n: int) -> None:
         if n > self._buf_len:
@@ -220,6 +238,7 @@ class OnnxCausalRunner:
             new.append((k, v))
         self._kv = new
         self._buf_len = length
+        self._bindings.clear()  # they point at the old buffers
 
 
 def _round_up(n: int) -> int:

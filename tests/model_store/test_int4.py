@@ -87,7 +87,7 @@ def test_mixed_keeps_the_chosen_matmuls_at_8_bits_and_serves(tiny, store):
     assert eight and {k for k, b in bits.items() if b == 8} == eight
     assert {k for k, b in bits.items() if b == 4} == set(plan["matmuls"]) - eight
     sizes = {k: v["params"] for k, v in plan["matmuls"].items()}
-    errors = {k: v["rel_error_4bit"] for k, v in plan["matmuls"].items()}
+    errors = {k: v["out_error_4bit"] for k, v in plan["matmuls"].items()}
     assert eight == set(choose_8bit(sizes, errors, plan["mix_fraction"], plan["first"]))
     assert plan["first"] == ["/lm_head/MatMul"] and "/lm_head/MatMul" in eight
     assert sum(sizes[k] for k in eight) <= plan["mix_fraction"] * sum(sizes.values())
