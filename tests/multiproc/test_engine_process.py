@@ -83,11 +83,9 @@ def core_address(srv: Server) -> str:
 
 
 def kill_all(srv: Server, extra: list[int] = ()) -> None:
-    """SIGKILL the server and everything under it (after a test, whatever happened)."""
+    """Stop the server (SIGTERM, then SIGKILL after 60 s) and SIGKILL anything left under it."""
     pids = [p.pid for p in descendants(srv)] + list(extra)
-    if srv.proc.poll() is None:
-        srv.proc.kill()
-        srv.proc.wait(30)
+    srv.stop(timeout=60)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
