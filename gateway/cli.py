@@ -92,16 +92,24 @@ def _export(settings: Settings) -> None:
 
 
 def _run(settings: Settings) -> None:
-    import uvicorn
 
     if settings.engine_process:
         _run_with_cores(settings)
         return
     if settings.workers > 1:
         _export(settings)
+    _run_api(settings)
+
+
+def _run_api(settings: Settings, **worker_options) -> None:
+    """uvicorn workers when more than one is asked for (each builds its app from the exported settings),
+    else one in-process server that drains on SIGTERM."""
+    import uvicorn
+
+    if settings.workers > 1:
         uvicorn.run("gateway.app:create_app", factory=True, host=settings.host, port=settings.port,
                     workers=settings.workers, log_config=None,
-                    timeout_graceful_shutdown=int(settings.shutdown_grace_s))
+                    timeout_graceful_shutdown=int(settings.shutdown_grace_s), **worker_options)
         return
     from .app import create_app
 
@@ -118,8 +126,6 @@ def _run_with_cores(settings: Settings) -> None:
     """Engine cores first (one process per chat model, see gateway/core), then the API process(es); at
     the end the API drains first, then the cores, and every child is reaped."""
     import json
-
-    import uvicorn
 
     from .core.supervisor import Supervisor
 
@@ -140,20 +146,7 @@ def _run_with_cores(settings: Settings) -> None:
         os.environ["FMGATE_ENGINE_CORES"] = json.dumps(cores)
         log.info("engine cores up: %s", ", ".join(f"{k} (pid {supervisor.cores[k].proc.pid})" for k in cores)
                  or "none")
-        if settings.workers > 1:
-            uvicorn.run("gateway.app:create_app", factory=True, host=settings.host, port=settings.port,
-                        workers=settings.workers, log_config=None, timeout_worker_healthcheck=60,
-                        timeout_graceful_shutdown=int(settings.shutdown_grace_s))
-            return
-        from .app import create_app
-
-        application = create_app(settings)
-        config = uvicorn.Config(application, host=settings.host, port=settings.port, log_config=None,
-                                timeout_graceful_shutdown=int(settings.shutdown_grace_s), lifespan="on")
-        server = _DrainingServer(config, application)
-        server.run()
-        if not server.started:
-            sys.exit(1)
+        _run_api(settings, timeout_worker_healthcheck=60)
     except KeyboardInterrupt:
         log.info("stopped while the engine cores were loading")
     finally:

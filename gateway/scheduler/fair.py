@@ -61,14 +61,17 @@ class FairQueue(Generic[T]):
         self._deficit: dict[str, float] = {}
         self._len = 0
 
-    def push(self, item: T) -> None:
+    def _queue_of(self, item: T) -> deque:
         tenant = self._key(item)[0] if self.policy == "fair" else ""
         q = self._queues.get(tenant)
         if q is None:
             q = self._queues[tenant] = deque()
             self._ring.append(tenant)
             self._deficit[tenant] = 0.0
-        q.append(item)
+        return q
+
+    def push(self, item: T) -> None:
+        self._queue_of(item).append(item)
         self._len += 1
 
     append = push  # deque-compatible
@@ -99,13 +102,7 @@ class FairQueue(Generic[T]):
     def requeue(self, item: T) -> None:
         """Put a paused (preempted) item back at the head of its own tenant's queue: it runs before that
         tenant's later items, but does not jump ahead of other tenants as push_front does."""
-        tenant = self._key(item)[0] if self.policy == "fair" else ""
-        q = self._queues.get(tenant)
-        if q is None:
-            q = self._queues[tenant] = deque()
-            self._ring.append(tenant)
-            self._deficit[tenant] = 0.0
-        q.appendleft(item)
+        self._queue_of(item).appendleft(item)
         self._len += 1
 
     def tenants(self) -> list[tuple[str, float]]:
