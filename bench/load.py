@@ -65,6 +65,16 @@ def make_sentences(n: int = 512) -> list[str]:
 
 SENTENCES = make_sentences()
 
+LONG_SENTENCES = 58  # about 1,400 prompt tokens with SmolLM2's tokenizer and chat template
+
+
+def long_prompt(i: int) -> str:
+    """A distinct prompt of about 1,400 tokens: request i's number comes first, so no server can reuse
+    an earlier prompt's cache (prefix caches match from the first token)."""
+    start = (i * LONG_SENTENCES) % len(SENTENCES)
+    notes = " ".join(SENTENCES[(start + k) % len(SENTENCES)] for k in range(LONG_SENTENCES))
+    return f"Request {i}. Here are my notes: {notes} Summarise the notes in one sentence."
+
 
 @dataclass
 class ChatResult:
@@ -213,11 +223,13 @@ def _client(concurrency: int) -> httpx.AsyncClient:
 
 
 async def run_chat(base_url: str, model: str, concurrency: int, per_client: int, max_seconds: float,
-                   max_tokens: int = 64, timeout: float = 300.0, keep_texts: bool = False) -> Summary:
+                   max_tokens: int = 64, timeout: float = 300.0, keep_texts: bool = False,
+                   long: bool = False) -> Summary:
+    """`long`: each request a distinct ~1,400-token prompt (see long_prompt) instead of a short question."""
     url = base_url.rstrip("/") + "/v1/chat/completions"
     async with _client(concurrency) as client:
         async def one(i: int) -> tuple[str, ChatResult]:
-            prompt = CHAT_PROMPTS[i % len(CHAT_PROMPTS)]
+            prompt = long_prompt(i) if long else CHAT_PROMPTS[i % len(CHAT_PROMPTS)]
             return prompt, await chat_once(client, url, model, prompt, max_tokens, timeout)
 
         pairs, wall = await _closed_loop(concurrency, per_client, max_seconds, one)
@@ -229,7 +241,7 @@ async def run_chat(base_url: str, model: str, concurrency: int, per_client: int,
     e2es = [r.e2e for r in ok if r.e2e is not None]
     sources = sorted({r.token_source for r in ok})
     s = Summary(
-        kind="chat", concurrency=concurrency, requests=len(results), errors=len(errs), wall_s=round(wall, 3),
+        kind="long" if long else "chat", concurrency=concurrency, requests=len(results), errors=len(errs), wall_s=round(wall, 3),
         tok_s=round(tokens / wall, 2) if ok else None, req_s=round(len(ok) / wall, 3),
         ttft_p50_ms=_ms(pct(ttfts, 0.5)), ttft_p95_ms=_ms(pct(ttfts, 0.95)),
         e2e_p50_ms=_ms(pct(e2es, 0.5)), e2e_p95_ms=_ms(pct(e2es, 0.95)),

@@ -26,7 +26,8 @@ Each section says how to reproduce it.
 
 
 def scenario_key(kind: str, concurrency: int, batch: int = 0) -> str:
-    return f"chat-c{concurrency}" if kind == "chat" else f"embed-c{concurrency}-b{batch}"
+    """chat-c8, long-c4 (long prompts), embed-c32-b16."""
+    return f"embed-c{concurrency}-b{batch}" if kind == "embed" else f"{kind}-c{concurrency}"
 
 
 def median(values: Iterable[float | None]) -> float | None:
@@ -94,6 +95,24 @@ def _chat_table(results: dict, agg: dict, levels: list[int]) -> list[str]:
                 f"| {c} | {_label(results, n)}{err} | {_f(row['tok_s'], 1)} | {_f(row['ttft_p50_ms'])} ms | "
                 f"{_f(row['ttft_p95_ms'])} ms | {_f(row['e2e_p50_ms'])} ms | {_f(row['e2e_p95_ms'])} ms | "
                 f"{_f(row['mean_tokens'], 1)} | {ratio} |")
+    return lines
+
+
+def _long_table(results: dict, agg: dict, levels: list[int]) -> list[str]:
+    names = [n for n, s in results["servers"].items() if "chat" in s.get("kinds", [])]
+    lines = ["| clients | server | TTFT p50 | TTFT p95 | e2e p50 | requests | server's TTFT p50 ÷ fmgate's |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for c in levels:
+        sc = scenario_key("long", c)
+        fm = agg.get("fmgate", {}).get(sc, {}).get("ttft_p50_ms")
+        for n in names:
+            row = agg.get(n, {}).get(sc)
+            if not row:
+                continue
+            err = f" ({_f(row['errors'])} errors)" if row.get("errors") else ""
+            ratio = "" if n == "fmgate" else _rx(_ratio(row["ttft_p50_ms"], fm))
+            lines.append(f"| {c} | {_label(results, n)}{err} | {_f(row['ttft_p50_ms'])} ms | "
+                         f"{_f(row['ttft_p95_ms'])} ms | {_f(row['e2e_p50_ms'])} ms | {_f(row['requests'])} | {ratio} |")
     return lines
 
 
@@ -192,7 +211,7 @@ def _embed_quality(results: dict) -> list[str]:
 
 
 def goals(results: dict, agg: dict) -> list[tuple[str, str, float | None, str]]:
-    """(goal, target, measured, verdict) for each goal of issue 8 that this run can judge."""
+    """(goal, target, measured, verdict) for each goal of issues 8 and 14 that this run can judge."""
     fm = agg.get("fmgate", {})
 
     def get(server: str, sc: str, m: str) -> float | None:
@@ -220,6 +239,12 @@ def goals(results: dict, agg: dict) -> list[tuple[str, str, float | None, str]]:
     ratio_goal("Embeddings, 32 clients × 16, vs Infinity", "embed-c32-b16", "sent_s", "infinity", 1.3)
     ratio_goal("Embeddings, 32 clients × 1, vs naive", "embed-c32-b1", "sent_s", "naive-embed", 4.0)
     ratio_goal("Embeddings, 32 clients × 16, vs naive", "embed-c32-b16", "sent_s", "naive-embed", 4.0)
+    for c in (1, 4):  # lower is better: the peer's TTFT over fmgate's
+        sc = scenario_key("long", c)
+        r = _ratio(get("llama-server", sc, "ttft_p50_ms"), get("fmgate", sc, "ttft_p50_ms"))
+        rows.append((f"Long prompt (~1,400 tokens), {c} client{'s' if c > 1 else ''}, TTFT p50, "
+                     "llama-server's ÷ fmgate's", "≥ 1.5×", r,
+                     "not measured" if r is None else ("met" if r >= 1.5 else "NOT met")))
     return rows
 
 
@@ -228,6 +253,7 @@ def render(results: dict, plot_name: str | None = None) -> str:
     meta = results.get("meta", {})
     agg = aggregate(results)
     chat_levels = meta.get("chat_levels", [])
+    long_levels = meta.get("long_levels", [])
     embed_levels = [tuple(x) for x in meta.get("embed_levels", [])]
     out = [
         f"Run `{meta.get('command', 'make bench')}` — {meta.get('started', '')}, {meta.get('cpu', '')}, "
@@ -267,6 +293,11 @@ def render(results: dict, plot_name: str | None = None) -> str:
         q = _quality_table(results)
         if q:
             out += ["Greedy answers, one client (a quick check that like is compared with like):", "", *q, ""]
+    if long_levels and any(r["kind"] == "long" for a in agg.values() for r in a.values()):
+        out += [f"### Long prompts: about 1,400 tokens each, all distinct, max_tokens {meta.get('long_max_tokens', 16)}", "",
+                *_long_table(results, agg, long_levels), "",
+                "Each request's prompt starts with its own number, so no prefix cache helps. The last column "
+                "is the peer's TTFT p50 over fmgate's (above 1: fmgate answers first).", ""]
     if embed_levels and has_embed:
         out += ["### Embeddings: all-MiniLM-L6-v2, sentences of about 20–30 tokens", "",
                 *_embed_table(results, agg, embed_levels), ""]
@@ -274,7 +305,7 @@ def render(results: dict, plot_name: str | None = None) -> str:
         if q:
             out += ["Vectors for the same sentences, compared with the naive baseline's:", "", *q, ""]
     rows = goals(results, agg)
-    out += ["### Goals (issue 8)", "", "| goal | target | measured | verdict |", "|---|---|---:|---|"]
+    out += ["### Goals (issues 8 and 14)", "", "| goal | target | measured | verdict |", "|---|---|---:|---|"]
     for label, target, val, verdict in rows:
         if val is None:
             shown = "–"

@@ -34,6 +34,9 @@ RESULTS = peers.BENCH / "results"
 FULL_CHAT_LEVELS = [1, 4, 8, 16]
 FULL_EMBED_LEVELS = [(1, 1), (8, 1), (32, 1), (1, 16), (8, 16), (32, 16)]
 QUICK_CHAT_LEVELS = [1, 8]
+FULL_LONG_LEVELS = [1, 4]
+QUICK_LONG_LEVELS = [1]
+LONG_MAX_TOKENS = 16
 QUICK_EMBED_LEVELS = [(1, 1), (32, 1), (32, 16)]
 # Upper bounds on requests per client; the time window normally ends a repetition first.
 CHAT_PER_CLIENT = 64
@@ -125,6 +128,7 @@ def bench_server(name: str, args: argparse.Namespace, logs: Path) -> dict:
         return entry
     entry["command"] = shlex.join(srv.cmd)
     chat_levels = args.chat_levels if "chat" in spec.kinds else []
+    long_levels = args.long_levels if "chat" in spec.kinds else []
     embed_levels = args.embed_levels if "embed" in spec.kinds else []
     try:
         srv.wait_ready()
@@ -153,6 +157,18 @@ def bench_server(name: str, args: argparse.Namespace, logs: Path) -> dict:
                 entry["runs"].append(d)
                 log(f"{name}: rep {rep} chat c={c}: {d['tok_s']} tok/s, TTFT p50 {d['ttft_p50_ms']} ms, "
                     f"e2e p50 {d['e2e_p50_ms']} ms, {d['requests']} req, {d['errors']} errors"
+                    + (f" ({d['first_error'][:200]})" if d["errors"] else ""))
+            for c in long_levels:
+                srv.rss.reset_window()
+                s = asyncio.run(run_chat(srv.base_url, spec.chat_model, c, per_client=CHAT_PER_CLIENT,
+                                         max_seconds=2 * args.chat_seconds, max_tokens=LONG_MAX_TOKENS, long=True))
+                d = s.to_dict()
+                d.pop("texts")
+                d.update(scenario=report.scenario_key("long", c), rep=rep,
+                         peak_rss_mb=round(srv.rss.window_peak / 1e6, 1))
+                entry["runs"].append(d)
+                log(f"{name}: rep {rep} long prompts c={c}: TTFT p50 {d['ttft_p50_ms']} ms, "
+                    f"{d['requests']} req, {d['errors']} errors"
                     + (f" ({d['first_error'][:200]})" if d["errors"] else ""))
             for c, b in embed_levels:
                 srv.rss.reset_window()
@@ -210,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                     "bench/results/<stamp>-quick.md)")
     ap.add_argument("--plot", type=Path, help="PNG to write (default bench/plot.png; quick: beside --out)")
     ap.add_argument("--chat-levels", help="e.g. 1,4,8,16")
+    ap.add_argument("--long-levels", help="clients for the ~1,400-token prompt scenario, e.g. 1,4 (0: skip)")
     ap.add_argument("--embed-levels", help="clients x sentences, e.g. 1x1,8x1,32x1,1x16,8x16,32x16")
     ap.add_argument("--chat-seconds", type=float, help="time window per chat repetition (default 20, quick 6)")
     ap.add_argument("--embed-seconds", type=float, help="time window per embeddings repetition (default 10, quick 4)")
@@ -236,6 +253,10 @@ def main(argv: list[str] | None = None) -> None:
         args.chat_levels = [int(x) for x in args.chat_levels.split(",")]
     else:
         args.chat_levels = QUICK_CHAT_LEVELS if args.quick else FULL_CHAT_LEVELS
+    if args.long_levels:
+        args.long_levels = [int(x) for x in args.long_levels.split(",") if int(x) > 0]
+    else:
+        args.long_levels = QUICK_LONG_LEVELS if args.quick else FULL_LONG_LEVELS
     if args.embed_levels:
         args.embed_levels = _parse_levels(args.embed_levels)
     else:
@@ -253,12 +274,14 @@ def main(argv: list[str] | None = None) -> None:
                 argv if argv is not None else sys.argv[1:]),
             "cpu": _cpu_name(), "nproc": os.cpu_count(), "loadavg_start": _loadavg(), "quick": args.quick,
             "reps": args.reps, "chat_levels": args.chat_levels, "embed_levels": args.embed_levels,
+            "long_levels": args.long_levels, "long_max_tokens": LONG_MAX_TOKENS,
             "chat_seconds": args.chat_seconds, "embed_seconds": args.embed_seconds, "max_tokens": 64,
             "results_file": os.path.relpath(results_path, REPO), "note": args.note,
         },
         "servers": {},
     }
-    log(f"servers: {', '.join(names)}; reps {args.reps}; chat {args.chat_levels}; embed {args.embed_levels}")
+    log(f"servers: {', '.join(names)}; reps {args.reps}; chat {args.chat_levels}; "
+        f"long prompts {args.long_levels}; embed {args.embed_levels}")
     try:
         if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 2):
             log(f"WARNING: load average {_loadavg()} before starting: other work shares the cores, "
