@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import metrics
-from ..engines.base import EncoderRunner, Overloaded
+from ..engines.base import EncoderRunner, EngineError, Overloaded
 from .fair import FairQueue
 
 log = logging.getLogger("fmgate.scheduler")
@@ -64,10 +64,16 @@ class EmbeddingBatcher:
         self._depth = metrics.QUEUE_DEPTH.labels(name)  # looked up once: labels() costs a lock and a dict
         self._batch_size = metrics.BATCH_SIZE.labels(name, "embed")
         self._rate = 200.0  # inputs per second, moving average, for Retry-After
+        # Encoder calls, inputs encoded, and the largest call (inputs, distinct requests) so far.
+        self.stats = {"batches": 0, "inputs": 0, "largest": 0, "largest_requests": 0}
         self._thread = threading.Thread(target=self._loop, name=f"embed-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, inputs: Sequence[Sequence[int]], done: Done, tenant: str = "", weight: float = 1.0) -> EmbedJob:
+        if len(inputs) > self.max_queued:  # it could never fit: a 400, not a 429 to retry forever
+            raise EngineError(f"This request has {len(inputs)} inputs; {self.name} queues at most "
+                              f"{self.max_queued}. Split it into smaller requests.", param="input",
+                              code="too_many_inputs")
         job = EmbedJob(inputs=[list(x) for x in inputs], done=done, left=len(inputs), tenant=tenant, weight=weight)
         job.out = np.empty((len(inputs), self.runner.dim), dtype=np.float32)
         with self._cv:
@@ -149,6 +155,11 @@ class EmbeddingBatcher:
                 start = end
                 continue
             self._batch_size.observe(len(chunk))
+            st = self.stats
+            st["batches"] += 1
+            st["inputs"] += len(chunk)
+            if len(chunk) > st["largest"]:
+                st["largest"], st["largest_requests"] = len(chunk), len({id(job) for job, _ in chunk})
             for (job, i), vec in zip(chunk, vecs, strict=True):
                 if job.failed:
                     continue

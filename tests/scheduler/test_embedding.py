@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from gateway.engines.base import Overloaded
+from gateway.engines.base import EngineError, Overloaded
 from gateway.engines.embedder import EmbeddingEngine
 
 TEXTS = ["short", "a slightly longer sentence about cats", "The quick brown fox jumps over the lazy dog " * 5,
@@ -67,8 +67,9 @@ def test_concurrent_requests_over_the_bound_are_refused_and_the_queue_drains(emb
     held = _HeldRunner(eng.batcher.runner)
     eng.batcher.runner = held
     try:
-        with pytest.raises(Overloaded):  # one request alone over the bound
+        with pytest.raises(EngineError) as too_many:  # one request alone over the bound can never fit: a 400
             eng.batcher.submit([[101, 102]] * (bound + 1), lambda out, err: None)
+        assert too_many.value.param == "input" and too_many.value.code == "too_many_inputs"
         first_done = threading.Event()
         eng.batcher.submit(eng.tokenize(["hold the runner"]), lambda out, err: first_done.set())
         assert held.started.wait(60)  # the runner holds its first batch: from here the queue only grows

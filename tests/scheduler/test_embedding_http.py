@@ -14,11 +14,13 @@ from gateway.api import serving_embeddings as se
 
 from ..conftest import EMBED_MODEL, EMBED_SOURCE
 
+QUEUE_BOUND = 256  # max_queued_inputs: a request with more inputs can never fit
 CONFIG = f"""
 models:
   - name: {EMBED_MODEL}
     source: "{EMBED_SOURCE}"
     task: embed
+    max_queued_inputs: {QUEUE_BOUND}
 """
 
 SMALL = ["Paris is the capital of France."]
@@ -102,3 +104,13 @@ def test_concurrent_single_sentences_equal_alone(srv):
     together = np.concatenate([_b64(r) for r in replies])
     assert together.shape == (32, 384)
     assert np.min(np.sum(alone * together[:4], axis=1)) >= 0.99999
+
+
+def test_more_inputs_than_the_whole_queue_is_a_400_not_a_429(srv):
+    r = httpx.post(srv.base_url + "/v1/embeddings", timeout=120,
+                   json={"model": EMBED_MODEL, "input": ["a few words"] * (QUEUE_BOUND + 1)})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == "input" and err["code"] == "too_many_inputs"
+    assert str(QUEUE_BOUND) in err["message"]
+    assert _post(srv, ["a few words"] * QUEUE_BOUND)["data"][-1]["index"] == QUEUE_BOUND - 1  # the bound fits
