@@ -100,6 +100,30 @@ class CausalRunner(Protocol):
         """Pick the next token per row of logits."""
 
 
+class BatchPrefill(Protocol):
+    """Optional on a CausalRunner: the scheduler uses it when present."""
+
+    def prefill_many(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int]]) -> Any:
+        """Several sequences' chunks, right-padded into as few forwards as the runner can; logits
+        [n, vocab], row i for chunk i's last token. Every sequence is checked before anything changes, so an
+        EngineError means nothing ran (the caller prefills them one by one to find the one at fault)."""
+
+
+def padded_runs(order: Sequence[int], lengths: Sequence[int], joins=None, waste: float = 2.0) -> list[list[int]]:
+    """Split items (taken in `order`) into runs to right-pad into one forward each: a run ends where
+    `joins(run, item)` says no or where padding it to its longest would cost over `waste` x its real tokens."""
+    runs: list[list[int]] = []
+    for i in order:
+        run = runs[-1] if runs else None
+        if run is not None and (joins is None or joins(run, i)):
+            longest = max(max(lengths[j] for j in run), lengths[i])
+            if longest * (len(run) + 1) <= waste * (sum(lengths[j] for j in run) + lengths[i]):
+                run.append(i)
+                continue
+        runs.append([i])
+    return runs
+
+
 class EncoderRunner(Protocol):
     dim: int
     max_length: int

@@ -8,6 +8,7 @@ KV buffer runs 124 and ~470. So this runner keeps the KV cache itself:
   owns a row; GQA reads and writes it in place (past and present are bound to the same memory);
 - rows of live sequences are kept dense at the front, so a batch is a contiguous view, never a copy;
 - the buffer length grows and shrinks in powers of two, since GQA's cost follows the buffer length;
+- several new prompts are prefilled in one forward, right-padded to the longest (`prefill_many`);
 - full 8-token blocks of finished prompts are kept (LRU) keyed by the hash of the whole prefix up to
   them, so a prompt that starts like an earlier one (a chat template's system prompt) copies those
   blocks in instead of recomputing them. K/V of a token depend only on the tokens before it.
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .base import EngineError, SequenceState
+from .base import EngineError, SequenceState, padded_runs
 from .sampling import sample_rows
 
 log = logging.getLogger("fmgate.engine")
@@ -124,6 +125,46 @@ class OnnxCausalRunner:
         logits = self._run(row, row + 1, ids, np.array([len(token_ids)]), None)
         return logits[0] if all_logits else logits[0, -1]
 
+    def prefill_many(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int]]) -> np.ndarray:
+        """Chunks of several sequences; logits [n, vocab], row i for chunk i's last token. Chunks go
+        right-padded to their run's longest, one forward per run of adjacent new rows (nothing cached yet).
+
+        Exact, not approximate: every row's mask covers the full padded width S, so GQA (which takes a row's
+        length from its mask) sees a first prompt of S tokens; causal attention keeps the real tokens from
+        seeing the pads after them, and the pads' K/V land past the row's length, where the next write
+        overwrites them before anything reads them. A row that already holds tokens (a later chunk, a
+        restored prefix) runs alone: onnxruntime's CPU GQA refuses batch > 1 for a prompt with a past."""
+        new = [s for s in seq_ids if s not in self._rows]
+        if len(set(seq_ids)) != len(seq_ids):
+            raise EngineError("a sequence appears twice in one prefill")
+        if len(self._seq_at) + len(new) > self.capacity:
+            raise EngineError("no free sequence slot")
+        for s, chunk in zip(seq_ids, chunks, strict=True):
+            need = (self.length(s) if s in self._rows else 0) + len(chunk)
+            if not chunk or need > self.max_seq_len:
+                raise EngineError(f"sequence of {need} tokens does not fit the context of {self.max_seq_len}",
+                                  code="context_length_exceeded")
+        rows = [self._rows[s] if s in self._rows else self._new_row(s) for s in seq_ids]
+        lens = [len(c) for c in chunks]
+
+        def joins(run: list[int], i: int) -> bool:
+            return rows[i] == rows[run[-1]] + 1 and not self._lens[rows[i]] and not self._lens[rows[run[0]]]
+
+        out = np.empty((len(rows), self.vocab_size), dtype=np.float32)
+        for run in padded_runs(sorted(range(len(rows)), key=rows.__getitem__), lens, joins):
+            lo, hi = rows[run[0]], rows[run[-1]] + 1
+            width = max(lens[i] for i in run)
+            self._ensure_len(int(self._lens[lo:hi].max()) + width)
+            ids = np.zeros((hi - lo, width), dtype=np.int64)
+            advance = np.zeros(hi - lo, dtype=np.int64)
+            for i in run:
+                ids[rows[i] - lo, : lens[i]] = chunks[i]
+                advance[rows[i] - lo] = lens[i]
+            logits = self._run(lo, hi, ids, advance, None, span=np.full(hi - lo, width))
+            for i in run:
+                out[i] = logits[rows[i] - lo, lens[i] - 1]
+        return out
+
     def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         rows = np.fromiter((self._rows[s] for s in seq_ids), dtype=np.int64, count=len(seq_ids))
         hi = int(rows.max()) + 1
@@ -173,8 +214,11 @@ class OnnxCausalRunner:
         self._lens[row] = 0
         return row
 
-    def _run(self, lo: int, hi: int, ids: np.ndarray, advance: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
-        total = self._lens[lo:hi] + np.where(advance > 0, advance, 1)
+    def _run(self, lo: int, hi: int, ids: np.ndarray, advance: np.ndarray, rows: np.ndarray | None,
+             span: np.ndarray | None = None) -> np.ndarray:
+        """`advance`: tokens each row keeps; `span`: tokens its mask covers past its length (default: its
+        advance, or 1 for a row riding along)."""
+        total = self._lens[lo:hi] + (np.where(advance > 0, advance, 1) if span is None else span)
         width = int(total.max())
         mask = (np.arange(width)[None, :] < total[:, None]).astype(np.int64)
         b = self._binding(lo, hi)

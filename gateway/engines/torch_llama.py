@@ -14,6 +14,7 @@ A compact forward over the Hugging Face weights, written for serving:
 - on CUDA, every decode step and every prefill chunk up to `max_graph_tokens` replays a CUDA graph
   captured per (rows or tokens bucket, attention-length bucket): a 30-layer step is ~450 kernels,
   and launching them one by one from Python would cost more than running them;
+- several prompts' chunks prefill as one right-padded [B, T] forward (`prefill_many`, eager);
 - sampling on the device, one device→host copy per step.
 
 On the CPU (device="cpu", float32) the same code runs eagerly; the unit tests check it against
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import EngineError, SequenceState
+from .base import EngineError, SequenceState, padded_runs
 
 log = logging.getLogger("fmgate.engine")
 
@@ -174,7 +175,8 @@ class TorchCausalRunner:
         self._p_event = torch.cuda.Event() if pin else None
         self._graph_store: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs and not self._emulate else None
-        self.stats = {"decode_graph": 0, "decode_eager": 0, "prefill_graph": 0, "prefill_eager": 0, "compactions": 0}
+        self.stats = {"decode_graph": 0, "decode_eager": 0, "prefill_graph": 0, "prefill_eager": 0, "prefill_many": 0,
+                      "compactions": 0}
 
     # -- weights --
 
@@ -260,6 +262,54 @@ class TorchCausalRunner:
             self.stats["prefill_eager"] += 1
         self._lens[row] = start + n
         return out
+
+    @torch.inference_mode()
+    def prefill_many(self, seq_ids: Sequence[int], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Chunks of several sequences; logits [n, vocab], row i for chunk i's last token. Chunks of similar
+        length go right-padded into one eager forward: causal attention keeps each row's real tokens from
+        seeing the pads after them, and the pads' K/V land past the row's length (overwritten before read).
+        A chunk left alone takes the single-sequence path (a CUDA graph where one fits)."""
+        if len(set(seq_ids)) != len(seq_ids):
+            raise EngineError("a sequence appears twice in one prefill")
+        if sum(s not in self._rows for s in seq_ids) > len(self._free):
+            raise EngineError("no free sequence slot")
+        starts = [int(self._lens[self._rows[s]]) if s in self._rows else 0 for s in seq_ids]
+        lens = [len(c) for c in chunks]
+        for start, n in zip(starts, lens, strict=True):
+            if n == 0:
+                raise EngineError("empty prefill chunk")
+            if start + n > self.max_seq_len:
+                raise EngineError(f"sequence of {start + n} tokens exceeds the context of {self.max_seq_len}")
+        rows = []
+        for s in seq_ids:
+            if s not in self._rows:
+                row = heapq.heappop(self._free)
+                self._rows[s], self._seq_at[row], self._lens[row] = row, s, 0
+            rows.append(self._rows[s])
+
+        def joins(run: list[int], i: int) -> bool:  # every row's pads must fit its context
+            width = max(lens[j] for j in (*run, i))
+            return all(starts[j] + width <= self.max_seq_len for j in (*run, i))
+
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        for run in padded_runs(sorted(range(len(rows)), key=lambda i: -lens[i]), lens, joins):
+            if len(run) == 1:
+                i = run[0]
+                out[i] = self.prefill(seq_ids[i], chunks[i]).reshape(-1).clone()  # the graph's output is reused
+                continue
+            T = max(lens[i] for i in run)
+            ids = torch.zeros((len(run), T), dtype=torch.long)
+            for b, i in enumerate(run):
+                ids[b, : lens[i]] = torch.as_tensor(list(chunks[i]), dtype=torch.long)
+            meta = torch.tensor([[rows[i], starts[i], lens[i]] for i in run], dtype=torch.long)
+            dev = self._p_in.device
+            L = min(self.max_seq_len, _round_up(max(starts[i] for i in run) + T, 16))
+            logits = self._prefill_padded(ids.to(dev), meta.to(dev), L)
+            self.stats["prefill_many"] += 1
+            for b, i in enumerate(run):
+                out[i] = logits[b]
+                self._lens[rows[i]] = starts[i] + lens[i]
+        return torch.stack(out)
 
     @torch.inference_mode()
     def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
@@ -504,6 +554,33 @@ class TorchCausalRunner:
             return last @ self.lm_head_t
         torch.mm(last, self.lm_head_t, out=out)
         return out
+
+    def _prefill_padded(self, ids: torch.Tensor, meta: torch.Tensor, L: int) -> torch.Tensor:
+        """B sequences' chunks right-padded to T (ids [B, T]; meta [B, 3] = row, start, real tokens), each
+        row's start + T within the context; logits [B, vocab] of each row's last real token."""
+        B, T = ids.shape
+        g, kvh, hd = self.group, self.kv_heads, self.head_dim
+        rows, start, n = meta[:, 0], meta[:, 1], meta[:, 2]
+        pos = start[:, None] + self._arange[:T][None, :]  # [B, T]
+        flat_rows, flat_pos = rows[:, None].expand(B, T).reshape(-1), pos.reshape(-1)
+        h = F.embedding(ids.reshape(-1), self.embed)
+        freqs = self._freqs.index_select(0, flat_pos)[:, None]
+        valid = self._arange[:L][None, None, :] <= pos[:, :, None]  # [B, T, L]
+        mask = torch.zeros((B, T, L), dtype=self.dtype, device=h.device).masked_fill_(~valid, float("-inf"))
+        mask = mask.repeat(1, g, 1)[:, None]  # query index = group_member * T + t, as in _prefill_core
+        for i in range(self.layers):
+            q, k, v = self._layer_qkv(i, h, freqs)
+            kc, vc = self._k[i], self._v[i]
+            kc[flat_rows, :, flat_pos] = k
+            vc[flat_rows, :, flat_pos] = v
+            qg = q.view(B, T, kvh, g, hd).permute(0, 2, 3, 1, 4).reshape(B, kvh, g * T, hd)
+            ks = kc[:, :, :L].index_select(0, rows)
+            vs = vc[:, :, :L].index_select(0, rows)
+            o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=mask)
+            o = o.view(B, kvh, g, T, hd).permute(0, 3, 1, 2, 4).reshape(B * T, self.heads * hd)
+            self._layer_rest(i, h, o)
+        last = h.index_select(0, self._arange[:B] * T + n - 1)
+        return F.rms_norm(last, (self.hidden,), self.norm, self.eps) @ self.lm_head_t
 
 
 def _round_up(n: int, k: int) -> int:
