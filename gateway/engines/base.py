@@ -60,6 +60,7 @@ class SamplingParams:
     deadline: float | None = None  # time.monotonic() after which the sequence ends with an error
     tenant: str = ""  # fairness key (the API key id; "" = anonymous)
     weight: float = 1.0  # fair-share weight of the tenant
+    detokenize: bool = True  # False: the scheduler sends token ids only (unless `stop` needs text); the caller decodes
 
     @property
     def greedy(self) -> bool:

@@ -234,7 +234,8 @@ class GenerationScheduler:
             raise EngineError("Prompt logprobs are not available on this engine.", param="logprobs")
         return GenSequence(
             id=next(self._ids), prompt=list(prompt), params=params, sink=sink, state=sampling.SamplingState(params, prompt),
-            detok=DecodeStream(skip_special_tokens=True),
+            # Stop strings are matched on text here, so a sequence with some keeps its detokenizer.
+            detok=DecodeStream(skip_special_tokens=True) if params.detokenize or params.stop else None,
             prompt_lp=[None] if params.prompt_logprobs is not None else None,
         )
 
@@ -575,8 +576,8 @@ class GenerationScheduler:
         seq.pending.append(token)
         if p.logprobs is not None and lp is not None:
             seq.pending_lp.append(lp)
-        piece = seq.detok.step(self.tokenizer, token) or ""
-        seq.text += piece
+        if seq.detok is not None:
+            seq.text += seq.detok.step(self.tokenizer, token) or ""
         if p.stop:
             hit = _find_stop(seq.text, p.stop, seq.sent)
             if hit is not None:
@@ -588,6 +589,9 @@ class GenerationScheduler:
             return
         if len(seq.output) >= p.max_tokens or len(seq.prompt) + len(seq.output) >= self.runner.max_seq_len:
             self._finish(seq, "length")
+            return
+        if seq.detok is None:  # token ids only: every token goes out as it comes
+            self._emit(seq, self._event(seq, ""))
             return
         upto = len(seq.text) - _holdback(seq.text, p.stop) if p.stop else len(seq.text)
         if upto > seq.sent:
