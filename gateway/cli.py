@@ -34,7 +34,8 @@ def serve(
                                           "[env FMGATE_MAX_LOADED_MODELS]"),
     fairness: str = typer.Option(None, help="Admission across keys: fair or fcfs [env FMGATE_FAIRNESS]"),
     engine_process: bool = typer.Option(None, "--engine-process/--no-engine-process",
-                                        help="Run each chat model's engine core in its own process "
+                                        help="Run each model's engine core (chat: scheduler and runner; "
+                                        "embed: batcher and encoder) in its own process "
                                         "(docs/processes.md) [env FMGATE_ENGINE_PROCESS, default off]"),
     api_workers: int = typer.Option(None, help="API worker processes (same as --workers; more than 1 needs "
                                     "FMGATE_REDIS_URL) [env FMGATE_WORKERS]"),
@@ -123,7 +124,7 @@ def _run_api(settings: Settings, **worker_options) -> None:
 
 
 def _run_with_cores(settings: Settings) -> None:
-    """Engine cores first (one process per chat model, see gateway/core), then the API process(es); at
+    """Engine cores first (one process per chat and embedding model, see gateway/core), then the API process(es); at
     the end the API drains first, then the cores, and every child is reaped."""
     import json
 

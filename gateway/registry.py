@@ -433,6 +433,10 @@ class Registry:
             from .core.client import EngineClient
 
             return ServedModel(cfg, EngineClient.connect(path, cfg, self.settings), variant, quality)
+        if self.settings.engine_process and cfg.task == "embed" and cfg.name in self.settings.engine_cores:
+            from .core.embed_client import EmbedClient  # tokenization here, batching in its core process
+
+            return ServedModel(cfg, EmbedClient.connect(path, cfg, self.settings), variant, quality)
         threads = self.settings.threads
         if fmt == "onnx-genai":
             opts: dict[str, Any] = dict(max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len,

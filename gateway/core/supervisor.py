@@ -1,9 +1,9 @@
 """The engine cores of `fmgate serve --engine-process`: started before the API, restarted when they die,
 stopped after the API has drained.
 
-The parent process (the one `fmgate serve` runs in) resolves each chat model once (the model store
-builds or finds its artifact), starts `python -m gateway.core` for it on an ipc:// socket, and waits for
-its Welcome. The addresses go to every API process through FMGATE_ENGINE_CORES. A watcher thread (alive
+The parent process (the one `fmgate serve` runs in) resolves each model once (the model store builds
+or finds its artifact), starts `python -m gateway.core` for each chat model and
+`python -m gateway.core.embed_core` for each embedding model on an ipc:// socket, and waits for its Welcome. The addresses go to every API process through FMGATE_ENGINE_CORES. A watcher thread (alive
 as long as the cores, so PR_SET_PDEATHSIG stays tied to a living thread) restarts a core that exits
 unless the server is stopping, with a backoff of 0.5 s doubling to 10 s while it keeps failing fast.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 import zmq
 
 from ..settings import ModelConfig, Settings
-from . import wire
+from . import embed_client, wire
 
 log = logging.getLogger("fmgate.core")
 
@@ -40,6 +40,7 @@ class Core:
     restarts: int = 0
     due: float = 0.0  # when a restart is due (after a crash)
     pids: list[int] = field(default_factory=list)  # every pid it ever had
+    kind: str = "chat"  # chat (gateway.core) or embed (gateway.core.embed_core)
 
 
 def probe(address: str, timeout: float) -> wire.Welcome | None:
@@ -71,21 +72,22 @@ class Supervisor:
         self._dir = Path(tempfile.mkdtemp(prefix="fmgate-cores-"))
 
     def start(self, ready_timeout: float = 600.0) -> dict[str, str]:
-        """Start a core per chat model and wait for each; returns {model name: address} of those up."""
+        """Start a core per chat and embedding model and wait for each; returns {model name: address} of those up."""
         from ..registry import Registry
 
         registry = Registry(self.settings.model_copy(update={"engine_process": False}), build=lambda cfg: None)
-        for n, cfg in enumerate(m for m in self.settings.models if m.task == "chat"):
+        for n, cfg in enumerate(m for m in self.settings.models if m.task in ("chat", "embed")):
             try:
                 path, fmt, variant, _ = registry._resolve(cfg)
             except Exception as exc:
                 log.error("model %s: no engine core (the model did not resolve: %s)", cfg.name, exc)
                 continue
             address = f"ipc://{self._dir}/core-{n}.sock"
-            argv = [sys.executable, "-m", "gateway.core", "--address", address, "--model-json",
+            module = "gateway.core" if cfg.task == "chat" else "gateway.core.embed_core"
+            argv = [sys.executable, "-m", module, "--address", address, "--model-json",
                     cfg.model_dump_json(), "--path", str(path), "--fmt", fmt, "--variant", variant,
                     "--parent", str(os.getpid())]
-            core = self.cores[cfg.name] = Core(cfg, address, argv)
+            core = self.cores[cfg.name] = Core(cfg, address, argv, kind=cfg.task)
             self._spawn(core)
         up: dict[str, str] = {}
         for name, core in self.cores.items():
@@ -94,7 +96,7 @@ class Supervisor:
                 if core.proc is not None and core.proc.poll() is not None:
                     log.error("engine core for %s exited with %s while loading", name, core.proc.returncode)
                     break
-                if probe(core.address, 1.0) is not None:
+                if (probe if core.kind == "chat" else embed_client.probe)(core.address, 1.0) is not None:
                     up[name] = core.address
                     break
         self._thread = threading.Thread(target=self._watch, name="core-supervisor", daemon=True)

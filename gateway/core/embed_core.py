@@ -1,0 +1,233 @@
+"""One embedding model's core: the dynamic batcher and encoder in a process of their own.
+
+    python -m gateway.core.embed_core --address ipc:///tmp/x.sock --model-json '{...}' --path DIR --fmt onnx-encoder
+
+API processes tokenize and send token ids (embed_wire.Embed); requests from every API process share the
+one EmbeddingBatcher queue, so many single-sentence clients spread over several API processes reach the
+encoder as large batches. The engine is built as the API process would build it (Registry._engine).
+Two threads: the batcher's own, whose done callbacks only queue results and wake this main thread, and
+this main thread, which owns the ROUTER socket and sends each result as raw float32 bytes.
+Like the chat core: exits 3 when the batcher thread dies, drains and exits 0 on SIGTERM, ignores SIGINT,
+and dies with its parent. The socket, parent-death and liveness helpers are engine_core's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import sys
+import time
+from typing import Any
+
+import zmq
+
+from . import embed_wire as wire
+from .engine_core import DRAIN_S, _die_with_parent, pid_alive
+
+log = logging.getLogger("fmgate.core")
+
+WAKE = "inproc://fmgate-embed-core-wake"
+
+
+class EmbedCore:
+    def __init__(self, engine: Any, address: str, parent: int | None = None):
+        self.engine = engine
+        self.batcher = engine.batcher
+        self.address = address
+        self.parent = parent
+        self.ctx = zmq.Context()
+        self._done: queue.SimpleQueue[tuple[bytes, int, Any, Exception | None]] = queue.SimpleQueue()
+        self._push: zmq.Socket | None = None  # the batcher thread's wake socket, made there
+        self.jobs: dict[tuple[bytes, int], Any] = {}
+        self.clients: dict[bytes, int] = {}
+        self.stopping = False
+
+    # -- the batcher thread's side --
+
+    def _callback(self, ident: bytes, rid: int):
+        def done(out, err) -> None:
+            self._done.put((ident, rid, out, err))
+            if self._push is None:  # only the batcher thread calls this: one socket, made on first use
+                self._push = self.ctx.socket(zmq.PUSH)
+                self._push.setsockopt(zmq.LINGER, 0)
+                self._push.connect(WAKE)
+            self._push.send(b"", copy=False)
+        return done
+
+    # -- the main thread --
+
+    def serve(self) -> int:
+        if self.address.startswith("ipc://"):
+            try:
+                os.unlink(self.address[len("ipc://"):])
+            except FileNotFoundError:
+                pass
+        router = self.router = self.ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.SNDHWM, 0)
+        router.setsockopt(zmq.RCVHWM, 0)
+        router.setsockopt(zmq.LINGER, 2000)
+        wake = self.ctx.socket(zmq.PULL)
+        wake.bind(WAKE)
+        router.bind(self.address)
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
+        log.info("embedding core for %s serving at %s (pid %d)", self.engine.name, self.address, os.getpid())
+        thread = self.batcher._thread
+        next_check = time.monotonic() + 1.0
+        drain_until = None
+        code = 0
+        while True:
+            ready = dict(poller.poll(100))
+            if wake in ready:
+                while True:
+                    try:
+                        wake.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+            self._send_results()
+            if router in ready:
+                while True:
+                    try:
+                        ident, payload = router.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    except ValueError:
+                        continue
+                    self._handle(ident, payload)
+            if not thread.is_alive() and not self.stopping:
+                self._send_results()
+                log.error("embedding core for %s: the batcher thread died; exiting so it restarts", self.engine.name)
+                code = 3
+                break
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + 1.0
+                self._reap_clients()
+                if self.parent is not None and os.getppid() != self.parent:
+                    self.stopping = True
+            if self.stopping:
+                if drain_until is None:
+                    drain_until = now + DRAIN_S
+                    log.info("embedding core for %s draining %d requests", self.engine.name, len(self.jobs))
+                if not self.jobs or now >= drain_until:
+                    break
+        if code == 0:
+            self.engine.close()  # the batcher finishes what is queued, then stops
+            self._send_results()
+            for ident, rid in list(self.jobs):
+                self._reply(ident, wire.Refused(rid, "unavailable", "The server is shutting down.", retry_after=5))
+        if self._push is not None:  # its thread has stopped
+            self._push.close()
+        router.close()
+        wake.close()
+        return code
+
+    def _send_results(self) -> None:
+        while True:
+            try:
+                ident, rid, out, err = self._done.get_nowait()
+            except queue.Empty:
+                return
+            if self.jobs.pop((ident, rid), None) is None:
+                continue  # cancelled meanwhile
+            if err is None:
+                msg: Any = wire.vectors_out(rid, out)
+            else:
+                msg = _refusal(rid, err)
+            self._reply(ident, msg)
+
+    def _reply(self, ident: bytes, msg: Any) -> None:
+        self.router.send_multipart([ident, wire.encoder.encode(msg)])
+
+    def _handle(self, ident: bytes, payload: bytes) -> None:
+        try:
+            msg = wire.to_core.decode(payload)
+        except Exception as exc:
+            log.warning("embedding core: undecodable message from a client: %s", exc)
+            return
+        if isinstance(msg, wire.Embed):
+            self._submit(ident, msg)
+        elif isinstance(msg, wire.Cancel):
+            job = self.jobs.pop((ident, msg.rid), None)
+            if job is not None:
+                self.batcher.cancel(job)
+        elif isinstance(msg, wire.Hello):
+            self.clients[ident] = msg.pid
+            st = self.batcher.stats
+            self._reply(ident, wire.Welcome(
+                os.getpid(), int(self.engine.dim), int(self.engine.max_length), int(self.batcher.max_queued),
+                len(self.jobs), len(self.clients), st["batches"], st["inputs"], st["largest"],
+                st["largest_requests"]))
+
+    def _submit(self, ident: bytes, msg: wire.Embed) -> None:
+        if self.stopping:
+            self._reply(ident, wire.Refused(msg.rid, "overloaded", "The server is shutting down.", retry_after=5))
+            return
+        try:
+            job = self.batcher.submit(msg.inputs, self._callback(ident, msg.rid), tenant=msg.tenant,
+                                      weight=msg.weight)
+        except Exception as exc:  # Overloaded, EngineError; anything else refuses this request only
+            self._reply(ident, _refusal(msg.rid, exc))
+            return
+        self.jobs[(ident, msg.rid)] = job
+
+    def _reap_clients(self) -> None:
+        """Cancel the requests of API processes that are gone (a crashed worker frees its queue places)."""
+        for ident, pid in list(self.clients.items()):
+            if pid_alive(pid):
+                continue
+            del self.clients[ident]
+            for key in [k for k in self.jobs if k[0] == ident]:
+                self.batcher.cancel(self.jobs.pop(key))
+
+
+def _refusal(rid: int, exc: Exception) -> wire.Refused:
+    from ..engines.base import EngineError, EngineUnavailable, Overloaded
+
+    if isinstance(exc, EngineError):
+        return wire.Refused(rid, "engine_error", str(exc), exc.param, exc.code)
+    if isinstance(exc, Overloaded):
+        return wire.Refused(rid, "overloaded", str(exc), retry_after=exc.retry_after)
+    if isinstance(exc, EngineUnavailable):
+        return wire.Refused(rid, "unavailable", str(exc), retry_after=exc.retry_after)
+    log.error("embedding core: a request failed: %r", exc)
+    return wire.Refused(rid, "failed", f"The embedding engine failed: {type(exc).__name__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gateway.core.embed_core")
+    ap.add_argument("--address", required=True)
+    ap.add_argument("--model-json", required=True)
+    ap.add_argument("--path", required=True)
+    ap.add_argument("--fmt", required=True)
+    ap.add_argument("--variant", default="prebuilt")
+    ap.add_argument("--parent", type=int, default=None)
+    args = ap.parse_args(argv)
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from pathlib import Path
+
+    from .. import logs
+    from ..registry import Registry
+    from ..settings import ModelConfig, Settings
+
+    settings = Settings(engine_process=False, engine_cores={})
+    logs.setup(settings.log_level, settings.log_json)
+    if args.parent is not None and os.getppid() != args.parent:
+        return 0  # the parent is already gone
+    cfg = ModelConfig.model_validate_json(args.model_json)
+    served = Registry(settings)._engine(cfg, Path(args.path), args.fmt, args.variant, {})
+    core = EmbedCore(served.engine, args.address, args.parent)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(core, "stopping", True))
+    code = core.serve()
+    core.ctx.term()
+    logging.shutdown()
+    os._exit(code)  # no waiting on daemon threads or atexit hooks of the runtime libraries
+
+
+if __name__ == "__main__":
+    sys.exit(main())
