@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 QUEUE_BOUND = 64
 BURST = 16
+BURST_QUEUE = 20  # the burst server's queue bound, shared by both API workers
 CONFIG = f"""
 models:
   - name: {EMBED_MODEL}
@@ -45,6 +46,7 @@ models:
     task: embed
     max_batch_size: {BURST}
     max_wait_ms: 600000
+    max_queued_inputs: {BURST_QUEUE}
 """
 TEXTS = ["Paris is the capital of France.", "short", "a slightly longer sentence about cats and their naps",
          "The quick brown fox jumps over the lazy dog " * 4] + [f"sentence {i} about rivers and hills" for i in range(16)]
@@ -191,9 +193,11 @@ def pinned_clients(srv: Server, per_worker: int) -> list[httpx.Client]:
 
 
 def test_a_burst_over_both_api_workers_reaches_the_encoder_as_one_batch(burst_srv, reference):
+    """BURST - 1 requests wait in the core's queue (the batch is not full); a request that would overflow
+    the queue bound they share is a 429; the last request fills the batch and all are served at once."""
     address = embed_core_address(burst_srv)
     before = probe(address, 30)
-    assert before is not None and before.batches == 0 and before.max_queued > 0
+    assert before is not None and before.batches == 0 and before.max_queued == BURST_QUEUE
     clients = pinned_clients(burst_srv, BURST // 2)
     texts = [f"client {i} asks about the weather in city number {i}" for i in range(BURST)]
     try:
@@ -201,7 +205,15 @@ def test_a_burst_over_both_api_workers_reaches_the_encoder_as_one_batch(burst_sr
             return clients[i].post("/v1/embeddings", json={"model": EMBED_MODEL, "input": texts[i]})
 
         with ThreadPoolExecutor(BURST) as pool:
-            replies = list(pool.map(one, range(BURST)))
+            waiting = [pool.submit(one, i) for i in range(BURST - 1)]
+            wait_for(lambda: (w := probe(address, 30)) is not None and w.live == BURST - 1,
+                     "the first requests to queue in the core", timeout=300)
+            over = httpx.post(burst_srv.base_url + "/v1/embeddings", timeout=300,
+                              json={"model": EMBED_MODEL, "input": ["one more"] * (BURST_QUEUE - BURST + 2)})
+            assert over.status_code == 429, over.text
+            assert over.json()["error"]["type"] == "rate_limit_error" and over.headers.get("retry-after")
+            replies = [one(BURST - 1)] + [f.result() for f in waiting]
+            texts = texts[-1:] + texts[:-1]
     finally:
         for c in clients:
             c.close()
