@@ -10,7 +10,8 @@ One thread owns the runner. Each iteration it
 3. prefills prompts in chunks, at most `max_batch_tokens - running` prompt tokens per iteration,
    so a long prompt never stalls the decoders for more than one chunk; with the fair policy the
    prompts of tenants with the fewest running sequences go first, so a newcomer's prompt is not
-   queued behind a flood's long chunked prompts,
+   queued behind a flood's long chunked prompts; the iteration's chunks go to the runner in one
+   `prefill_many` call where it has one, so a burst of arrivals costs one forward, not one each,
 4. runs one batched decode step for every running sequence and hands each new token to its sink.
 Finished sequences leave the batch at once; new ones join at the next step boundary.
 
@@ -439,7 +440,12 @@ class GenerationScheduler:
         return sorted(self._prefilling, key=lambda s: load.get(_tenant(s)[0], 0.0))
 
     def _prefill_step(self) -> None:
+        """Prefill chunks within this step's token budget, in `_prefill_order`. With a runner that has
+        `prefill_many`, the step's chunks go together in one call (one forward for a burst of new prompts);
+        a sequence gathering prompt logprobs needs every position's logits and is prefilled alone."""
         budget = max(self.max_batch_tokens - len(self._running), 16)
+        together = hasattr(self.runner, "prefill_many")
+        batch: list[tuple[GenSequence, list[int]]] = []
         for seq in self._prefill_order():
             if budget <= 0:
                 break
@@ -449,31 +455,67 @@ class GenerationScheduler:
             if resumed and seq.prefilled >= len(seq.prompt):
                 self._resume(seq)
                 continue
-            start = seq.prefilled
-            chunk = seq.prompt[start : start + budget]
-            try:
-                if seq.prompt_lp is not None:
-                    logits = self.runner.prefill(seq.id, chunk, all_logits=True)
-                    self._prompt_logprobs(seq, logits, start, len(chunk))
-                    logits = logits[-1]
-                else:
-                    logits = self.runner.prefill(seq.id, chunk)
-            except EngineError as exc:
-                self._finish(seq, "error", str(exc), exc.code)
-                continue
-            except Exception:
-                self._fault("prefill", [seq])
-                continue
-            seq.prefilled += len(chunk)
-            budget -= len(chunk)
-            if resumed and seq.prefilled == len(seq.prompt):
-                self._resume(seq)
-            elif seq.prefilled == len(seq.prompt):
-                if hasattr(self.runner, "cache_prefix"):
-                    self.runner.cache_prefix(seq.id, seq.prompt)
-                self._prefilling.remove(seq)
-                self._running.append(seq)
-                self._sample_and_accept([seq], logits.reshape(1, -1))  # runners give [vocab] or [1, vocab]
+            chunk = seq.prompt[seq.prefilled : seq.prefilled + budget]
+            if together and seq.prompt_lp is None:
+                batch.append((seq, chunk))
+                budget -= len(chunk)
+            elif self._prefill_one(seq, chunk):
+                budget -= len(chunk)
+        if len(batch) == 1:
+            self._prefill_one(*batch[0])
+        elif batch:
+            self._prefill_many(batch)
+
+    def _prefill_one(self, seq: GenSequence, chunk: list[int]) -> bool:
+        """Prefill one sequence's chunk; False if the sequence ended instead."""
+        start = seq.prefilled
+        try:
+            if seq.prompt_lp is not None:
+                logits = self.runner.prefill(seq.id, chunk, all_logits=True)
+                self._prompt_logprobs(seq, logits, start, len(chunk))
+                logits = logits[-1]
+            else:
+                logits = self.runner.prefill(seq.id, chunk)
+        except EngineError as exc:
+            self._finish(seq, "error", str(exc), exc.code)
+            return False
+        except Exception:
+            self._fault("prefill", [seq])
+            return False
+        if self._prefilled(seq, len(chunk)):
+            self._sample_and_accept([seq], logits.reshape(1, -1))  # runners give [vocab] or [1, vocab]
+        return True
+
+    def _prefill_many(self, batch: list[tuple[GenSequence, list[int]]]) -> None:
+        """Several sequences' chunks in one runner call; their first tokens are sampled together."""
+        seqs = [seq for seq, _ in batch]
+        try:
+            logits = self.runner.prefill_many([s.id for s in seqs], [chunk for _, chunk in batch])
+        except EngineError:  # nothing ran: one by one, so only the sequence at fault ends
+            for seq, chunk in batch:
+                self._prefill_one(seq, chunk)
+            return
+        except Exception:
+            self._fault("prefill", seqs)
+            return
+        metrics.BATCH_SIZE.labels(self.name, "prefill").observe(len(seqs))
+        ready = [i for i, (seq, chunk) in enumerate(batch) if self._prefilled(seq, len(chunk))]
+        if ready:
+            self._sample_and_accept([seqs[i] for i in ready], logits[ready])
+
+    def _prefilled(self, seq: GenSequence, n: int) -> bool:
+        """Count n more prefilled tokens; True when the sequence has just become ready for its first token."""
+        seq.prefilled += n
+        if seq.prefilled < len(seq.prompt):
+            return False
+        if seq.output:  # a resumed sequence goes on from its own output
+            self._resume(seq)
+            return False
+        if hasattr(self.runner, "cache_prefix"):
+            self.runner.cache_prefix(seq.id, seq.prompt)
+        self._prefilling.remove(seq)
+        self._running.append(seq)
+        return True
 
     def _resume(self, seq: GenSequence) -> None:
         """A paused sequence's KV holds its first `prefilled` tokens of prompt + output; the generated ones

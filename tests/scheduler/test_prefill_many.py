@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import queue
 
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer
 
-from gateway.engines.base import EngineError, padded_runs
+from gateway.engines.base import EngineError, SamplingParams, padded_runs
 from gateway.engines.onnx_causal import OnnxCausalRunner
 from gateway.engines.torch_llama import TorchCausalRunner
+from gateway.scheduler.generation import GenerationScheduler
 from tests.gpu.conftest import make_llama
 
 LENGTHS = (6, 9, 12, 7, 10, 8)  # padded to 12: 72 tokens for 52 real, inside padded_runs' 2x
@@ -150,3 +153,109 @@ def test_onnx_bad_chunk_fails_the_call_before_anything_runs(tiny_onnx):
 
 def test_torch_bad_chunk_fails_the_call_before_anything_runs(tiny_hf):
     check_bad_chunks(torch_runner(tiny_hf, 4))
+
+
+# -- through the scheduler --
+
+
+def make_scheduler(runner, tiny_hf) -> GenerationScheduler:
+    tok = Tokenizer.from_file(str(tiny_hf / "tokenizer.json"))
+    return GenerationScheduler(runner, tok, [0], name="prefill-many", max_num_seqs=8, max_batch_tokens=256)
+
+
+def run_all(sched: GenerationScheduler, batch: list[list[int]], max_tokens=8) -> list[tuple]:
+    """Submit the prompts at once (one admission); each one's (tokens, finish_reason, error_code)."""
+    events = [queue.Queue() for _ in batch]
+    sched.submit_many([(p, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True), q.put)
+                       for p, q in zip(batch, events, strict=True)])
+    out = []
+    for q in events:
+        tokens = []
+        while True:
+            ev = q.get(timeout=120)
+            tokens += ev.tokens
+            if ev.finish_reason:
+                out.append((tokens, ev.finish_reason, ev.error_code))
+                break
+    return out
+
+
+def test_onnx_burst_through_the_scheduler_is_one_forward_and_equals_one_by_one(tiny_onnx, tiny_hf):
+    runner = onnx_runner(tiny_onnx)
+    passes = count_passes(runner)
+    sched = make_scheduler(runner, tiny_hf)
+    try:
+        batch = prompts()
+        alone = [run_all(sched, [p])[0] for p in batch]
+        passes.clear()
+        together = run_all(sched, batch)
+        assert together == alone
+        assert all(r == (r[0], "length", None) and len(r[0]) == 8 for r in together)
+        assert [p for p in passes if p[1] > 1] == [(len(batch), max(LENGTHS))]  # one prefill forward
+        assert not runner._rows
+    finally:
+        sched.shutdown()
+
+
+def test_torch_burst_through_the_scheduler_is_one_forward_and_equals_one_by_one(tiny_hf):
+    runner = torch_runner(tiny_hf)
+    sched = make_scheduler(runner, tiny_hf)
+    try:
+        batch = prompts()
+        alone = [run_all(sched, [p])[0] for p in batch]
+        before = dict(runner.stats)
+        together = run_all(sched, batch)
+        assert together == alone
+        assert runner.stats["prefill_many"] - before["prefill_many"] == 1
+        assert runner.stats["prefill_eager"] == before["prefill_eager"]  # no one-by-one prefill
+        assert runner.live == 0
+    finally:
+        sched.shutdown()
+
+
+class Breaking:
+    """The real runner; a chunk that starts with `bad` is refused (EngineError), and `prefill_many` raises
+    an unexpected error `crash` times."""
+
+    def __init__(self, runner, bad=499, crash=0):
+        self._runner = runner
+        self.bad = bad
+        self.crash = crash
+        self.many = 0
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+    def prefill(self, seq_id, token_ids, **kw):
+        if token_ids[0] == self.bad:
+            raise EngineError("refused", code="test_refused")
+        return self._runner.prefill(seq_id, token_ids, **kw)
+
+    def prefill_many(self, seq_ids, chunks):
+        self.many += 1
+        if self.crash:
+            self.crash -= 1
+            raise RuntimeError("injected runner fault")
+        if any(c[0] == self.bad for c in chunks):
+            raise EngineError("refused", code="test_refused")
+        return self._runner.prefill_many(seq_ids, chunks)
+
+
+def test_a_refused_sequence_ends_alone_and_a_fault_ends_its_batch(tiny_hf):
+    runner = Breaking(torch_runner(tiny_hf))
+    sched = make_scheduler(runner, tiny_hf)
+    try:
+        batch = prompts()
+        alone = [run_all(sched, [p])[0] for p in batch]
+        bad = [499, *batch[2][1:]]
+        got = run_all(sched, [*batch[:2], bad, *batch[2:]])
+        assert got[2] == ([], "error", "test_refused")
+        assert got[:2] + got[3:] == alone  # the others were prefilled one by one, with the same outputs
+
+        runner.crash = 1
+        got = run_all(sched, batch)
+        assert all(r == ([], "error", "engine_error") for r in got)
+        assert sched.alive and run_all(sched, batch) == alone
+        assert runner._runner.live == 0
+    finally:
+        sched.shutdown()
