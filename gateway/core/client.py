@@ -24,6 +24,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import zmq
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 from zmq.utils.monitor import recv_monitor_message
 
 from .. import metrics
@@ -76,7 +78,10 @@ class EngineClient(LLMEngine):
     async def stream_many(self, requests: Sequence[tuple[Sequence[int], SamplingParams]],
                           ) -> AsyncIterator[tuple[int, Event]]:
         """As LLMEngine.stream_many: refusals raise before the first event; closing cancels in the core."""
-        items = [wire.Item(next(self._ids), [int(t) for t in p], wire.params_out(sp)) for p, sp in requests]
+        items = [wire.Item(next(self._ids), [int(t) for t in p], wire.params_out(sp, detokenize=False))
+                 for p, sp in requests]
+        # The core sends token ids only, except for sequences with stop strings (matched on text there).
+        detoks = [None if sp.stop else Detokenizer(self.tokenizer.backend_tokenizer) for _, sp in requests]
         if not self.up:
             raise EngineUnavailable(f"The engine for {self.name} is not available; retry later.", retry_after=5)
         loop = asyncio.get_running_loop()
@@ -94,6 +99,10 @@ class EngineClient(LLMEngine):
                     left = 0
                     raise _refusal(item)
                 i, ev = item
+                if detoks[i] is not None:
+                    ev = detoks[i].step(ev)
+                    if ev is None:
+                        continue
                 if ev.finish_reason is not None:
                     left -= 1
                 yield i, ev
@@ -159,6 +168,52 @@ class EngineClient(LLMEngine):
         self.up = False
         metrics.ENGINE_UP.labels(self.name).set(0)
         self._fail_all("error", FAILED, "engine_failed")
+
+
+class Detokenizer:
+    """One sequence's text from its token ids, as the scheduler makes it in a single process (the tokenizers
+    library's DecodeStream): tokens that end inside a character wait, and go out with the next event."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.stream = DecodeStream(skip_special_tokens=True)
+        self.held: Event | None = None
+        self.done = False
+
+    def step(self, ev: Event) -> Event | None:
+        """The event to hand on (with its text), or None while its tokens make no text yet."""
+        if self.done:
+            return None
+        text = ""
+        for t in ev.tokens:
+            try:
+                text += self.stream.step(self.tokenizer, t) or ""
+            except Exception:  # what the scheduler does with a token it cannot use
+                log.warning("engine client: token %s cannot be decoded", t)
+                ev = Event(tokens=ev.tokens, logprobs=ev.logprobs, finish_reason="error",
+                           error=f"The engine could not use token {t}.", error_code="bad_token",
+                           completion_tokens=ev.completion_tokens)
+                text = ""
+                break
+        if self.held is not None:
+            ev = _merge(self.held, ev)
+            self.held = None
+        if ev.finish_reason is None and not text:
+            self.held = ev
+            return None
+        self.done = ev.finish_reason is not None
+        ev.text = "" if ev.finish_reason in ("abort", "error") else text
+        return ev
+
+
+def _merge(a: Event, b: Event) -> Event:
+    """b, with a's tokens (and their logprobs, and the prompt's) in front."""
+    b.tokens = a.tokens + b.tokens
+    if a.logprobs is not None:
+        b.logprobs = a.logprobs + (b.logprobs or [])
+    if a.prompt_logprobs is not None:
+        b.prompt_logprobs = a.prompt_logprobs
+    return b
 
 
 def _post(loop: asyncio.AbstractEventLoop, batch: list) -> None:

@@ -217,7 +217,8 @@ class EngineCore:
             self._reply(ident, wire.Welcome(
                 os.getpid(), int(r.vocab_size), int(r.max_seq_len), int(getattr(r, "capacity", 0) or 0),
                 str(getattr(r, "device", "cpu")), bool(getattr(r, "prompt_logits", False)),
-                sorted(int(t) for t in self.scheduler.eos), len(self.seqs), len(self.clients)))
+                sorted(int(t) for t in self.scheduler.eos), len(self.seqs), len(self.clients),
+                int(getattr(self.scheduler, "preemptions", 0))))
         elif isinstance(msg, wire.Abort):
             for rid in msg.rids:
                 seq = self.seqs.get((ident, rid))

@@ -36,6 +36,7 @@ class WireParams(msgspec.Struct, array_like=True):
     deadline: float | None  # time.monotonic(): one clock for every process on the host
     tenant: str
     weight: float
+    detokenize: bool = True  # False: the core sends token ids only (the API process decodes), unless `stop`
 
 
 class Item(msgspec.Struct, array_like=True):
@@ -66,6 +67,7 @@ class Welcome(msgspec.Struct, tag="w", array_like=True):
     eos: list[int]
     live: int = 0  # sequences the core holds now (submitted, not yet finished)
     clients: int = 0  # API processes it knows
+    preemptions: int = 0  # sequences its scheduler paused to give a slot to another tenant (fair policy)
 
 
 class Refused(msgspec.Struct, tag="r", array_like=True):
@@ -110,7 +112,7 @@ from_core = msgspec.msgpack.Decoder(FromCore)
 
 # -- conversions --
 
-def params_out(p: SamplingParams) -> WireParams:
+def params_out(p: SamplingParams, detokenize: bool = True) -> WireParams:
     grammar = None
     if p.constraint is not None:
         grammar = getattr(p.constraint, "grammar", None)
@@ -123,7 +125,7 @@ def params_out(p: SamplingParams) -> WireParams:
         p.max_tokens, p.temperature, p.top_p, p.seed, list(p.stop), [int(t) for t in p.stop_token_ids],
         p.ignore_eos, p.top_k, p.min_p, p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
         {int(k): float(v) for k, v in p.logit_bias.items()} if p.logit_bias else None,
-        p.logprobs, p.prompt_logprobs, grammar, p.deadline, p.tenant, p.weight,
+        p.logprobs, p.prompt_logprobs, grammar, p.deadline, p.tenant, p.weight, detokenize and p.detokenize,
     )
 
 
@@ -134,7 +136,7 @@ def params_in(w: WireParams, constraint: Any = None) -> SamplingParams:
         presence_penalty=w.presence_penalty, frequency_penalty=w.frequency_penalty,
         repetition_penalty=w.repetition_penalty, logit_bias=w.logit_bias, logprobs=w.logprobs,
         prompt_logprobs=w.prompt_logprobs, constraint=constraint, deadline=w.deadline, tenant=w.tenant,
-        weight=w.weight,
+        weight=w.weight, detokenize=w.detokenize,
     )
 
 

@@ -101,8 +101,8 @@ def home_for(tmp: Path, store_home: Path) -> Path:
     return home
 
 
-def start(home: Path, env: dict[str, str]) -> Server:
-    srv = Server(home, env={"FMGATE_ENGINE_PROCESS": "true", **env}, config=CONFIG)
+def start(home: Path, env: dict[str, str], config: str = CONFIG) -> Server:
+    srv = Server(home, env={"FMGATE_ENGINE_PROCESS": "true", **env}, config=config)
     try:
         srv.wait_ready(timeout=600)
     except BaseException:
