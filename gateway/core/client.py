@@ -1,8 +1,9 @@
 """EngineClient: LLMEngine's async API in an API process, with the engine in its core process.
 
-Tokenization (chat_prompt, text_prompt), logprob token text and bytes, and grammar compilation (to check
-a schema and give a 400 early) stay here; the core gets token ids and SamplingParams, and a grammar as
-its text. One I/O thread per client owns the DEALER socket: it sends what the event loop queues, hands
+Tokenization (chat_prompt, text_prompt), detokenization (Detokenizer: the core sends token ids only,
+except for sequences with stop strings, which it matches on text), logprob token text and bytes, and
+grammar compilation (to check a schema and give a 400 early) stay here; the core gets token ids and
+SamplingParams, and a grammar as its text. One I/O thread per client owns the DEALER socket: it sends what the event loop queues, hands
 each step's outputs to the streams' asyncio queues (one call_soon_threadsafe per message), and watches
 the connection: when the core's process dies the socket disconnects at once, every stream in flight
 ends with an "engine_failed" error (a 503), `ready` turns False until the restarted core says Welcome.
