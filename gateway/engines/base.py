@@ -110,15 +110,19 @@ class BatchPrefill(Protocol):
         EngineError means nothing ran (the caller prefills them one by one to find the one at fault)."""
 
 
-def padded_runs(order: Sequence[int], lengths: Sequence[int], joins=None, waste: float = 2.0) -> list[list[int]]:
-    """Split items (taken in `order`) into runs to right-pad into one forward each: a run ends where
-    `joins(run, item)` says no or where padding it to its longest would cost over `waste` x its real tokens."""
+def padded_runs(order: Sequence[int], lengths: Sequence[int], joins=None, waste: float = 1.0,
+                slack: int = 8) -> list[list[int]]:
+    """Split items (taken in `order`) into runs to right-pad into one forward each. An item joins the run
+    before it when `joins(run, item)` allows and the padding stays within `waste` x the run's real tokens
+    or within `slack` pad tokens per joined item (about what one forward's fixed cost buys on a CPU)."""
     runs: list[list[int]] = []
     for i in order:
         run = runs[-1] if runs else None
         if run is not None and (joins is None or joins(run, i)):
-            longest = max(max(lengths[j] for j in run), lengths[i])
-            if longest * (len(run) + 1) <= waste * (sum(lengths[j] for j in run) + lengths[i]):
+            k = len(run) + 1
+            real = sum(lengths[j] for j in run) + lengths[i]
+            padded = max(max(lengths[j] for j in run), lengths[i]) * k
+            if padded <= waste * real or padded - real <= slack * (k - 1):
                 run.append(i)
                 continue
         runs.append([i])

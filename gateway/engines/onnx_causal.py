@@ -144,8 +144,11 @@ class OnnxCausalRunner:
             if not chunk or need > self.max_seq_len:
                 raise EngineError(f"sequence of {need} tokens does not fit the context of {self.max_seq_len}",
                                   code="context_length_exceeded")
-        rows = [self._rows[s] if s in self._rows else self._new_row(s) for s in seq_ids]
         lens = [len(c) for c in chunks]
+        for i in sorted(range(len(seq_ids)), key=lambda i: -lens[i]):  # new rows side by side by length
+            if seq_ids[i] not in self._rows:
+                self._new_row(seq_ids[i])
+        rows = [self._rows[s] for s in seq_ids]
 
         def joins(run: list[int], i: int) -> bool:
             return rows[i] == rows[run[-1]] + 1 and not self._lens[rows[i]] and not self._lens[rows[run[0]]]

@@ -18,7 +18,7 @@ from gateway.engines.torch_llama import TorchCausalRunner
 from gateway.scheduler.generation import GenerationScheduler
 from tests.gpu.conftest import make_llama
 
-LENGTHS = (6, 9, 12, 7, 10, 8)  # padded to 12: 72 tokens for 52 real, inside padded_runs' 2x
+LENGTHS = (6, 9, 12, 7, 10, 8)  # padded to 12: 20 pad tokens for 6 rows, inside padded_runs' slack
 
 
 def prompts(lengths=LENGTHS, seed=0) -> list[list[int]]:
@@ -75,7 +75,9 @@ def as_np(x) -> np.ndarray:
 
 def test_padded_runs_split_on_padding_and_on_joins():
     assert padded_runs([0, 1, 2], [4, 4, 4]) == [[0, 1, 2]]
-    assert padded_runs([0, 1, 2], [2, 2, 40]) == [[0, 1], [2]]  # 44 tokens padded to 120 is over 2x
+    assert padded_runs([0, 1, 2], [2, 2, 40]) == [[0, 1], [2]]  # 76 pads for 3 rows
+    assert padded_runs([0, 1], [1, 40]) == [[0], [1]]
+    assert padded_runs([0, 1], [1, 40], waste=2.0) == [[0, 1]]  # 80 <= 2 x 41
     assert padded_runs([1, 0, 2], [10, 12, 9]) == [[1, 0, 2]]
     assert padded_runs([0, 1, 2, 3], [5] * 4, joins=lambda run, i: i != 2) == [[0, 1], [2, 3]]
 
