@@ -83,10 +83,10 @@ def check_gguf_servable(gguf_path: Path) -> dict[str, str]:
     import gguf
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    from .gguf_native import NATIVE_TYPES, gguf_summary
+    from .gguf_native import NATIVE_TYPES, gguf_header
 
     try:
-        arch, tensors = gguf_summary(gguf_path)
+        arch, tensors, _ = gguf_header(gguf_path)
     except StoreError:
         raise
     except Exception as exc:  # noqa: BLE001 - a truncated header fails anywhere in the parse
@@ -96,6 +96,10 @@ def check_gguf_servable(gguf_path: Path) -> dict[str, str]:
     if arch not in causal:
         raise StoreError(f"{gguf_path.name}: GGUF architecture {arch!r} is not supported "
                          f"(supported: {', '.join(causal)})")
+    if arch == "phi3" and any(n.startswith("rope_factors_") for n in tensors):
+        raise StoreError(f"{gguf_path.name}: a phi3 GGUF with LongRoPE factors (rope_factors_long/short: "
+                         "Phi-3-128k, Phi-3.5-mini, Phi-4-mini) is not served yet: transformers "
+                         f"{_version('transformers')} drops the factors, so its answers would be wrong")
     served: dict[str, str] = {}
     for name, (ttype, _) in sorted(tensors.items()):
         if ttype in served:
@@ -127,9 +131,12 @@ def gguf_to_hf(gguf_path: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .gguf_native import gguf_header
+
     check_gguf_servable(gguf_path)
+    arch, _, meta = gguf_header(gguf_path, _PHI3_KEYS)
     try:
-        with _fast_gguf():
+        with _fast_gguf(), _byte_level_phi3(arch == "phi3" and meta.get("tokenizer.ggml.model") == "gpt2"):
             tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
             model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
                                                          dtype=torch.float32)
@@ -138,11 +145,47 @@ def gguf_to_hf(gguf_path: Path, out: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - the GGUF reader raises anything on a bad file
         raise StoreError(f"{gguf_path.name}: cannot read the GGUF ({type(exc).__name__}: {exc}); "
                          "the file is corrupt, truncated, or an unsupported architecture") from None
+    if arch == "phi3":
+        _phi3_config(model.config, meta)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     del model
     fix_tokenizer(out)
+
+
+_PHI3_KEYS = ("tokenizer.ggml.model", "phi3.rope.dimension_count", "phi3.embedding_length",
+              "phi3.attention.head_count", "phi3.context_length")
+
+
+@contextlib.contextmanager
+def _byte_level_phi3(on: bool) -> Iterator[None]:
+    """transformers 4.57 converts every phi3 GGUF's vocabulary as SentencePiece; Phi-4's is GPT-2-style
+    byte-level BPE (tokenizer.ggml.model "gpt2"), which that converter breaks (no ByteLevel
+    pre-tokenizer: spaces vanish). Convert it with transformers' GPT-2 converter instead."""
+    from transformers.integrations import ggml
+
+    if not on:
+        yield
+        return
+    orig = ggml.GGUF_TO_FAST_CONVERTERS["phi3"]
+    ggml.GGUF_TO_FAST_CONVERTERS["phi3"] = ggml.GGUFGPTConverter
+    try:
+        yield
+    finally:
+        ggml.GGUF_TO_FAST_CONVERTERS["phi3"] = orig
+
+
+def _phi3_config(config, meta: dict) -> None:
+    """What transformers 4.57 does not read from a phi3 GGUF. Partial rotary (Phi-4-mini): the file's
+    rope.dimension_count against head_dim = embedding_length / head_count. And no LongRoPE (refused
+    above), so the original context is the context: left at Phi3Config's 4096, any other length
+    (Phi-4: 16384) makes onnxruntime-genai build the LongRoPE variant, which fails."""
+    head_dim = meta["phi3.embedding_length"] // meta["phi3.attention.head_count"]
+    rotary = meta.get("phi3.rope.dimension_count", head_dim)
+    if rotary != head_dim:
+        config.partial_rotary_factor = rotary / head_dim
+    config.original_max_position_embeddings = config.max_position_embeddings
 
 
 def _eos_token(folder: Path) -> str | None:
@@ -201,6 +244,19 @@ def fix_tokenizer(folder: Path) -> None:
             if after.decode(b, skip_special_tokens=False) != text:
                 log.warning("tokenizer round trip differs on %r", text[:40])
         tj_path.write_text(json.dumps(tj, ensure_ascii=False, indent=1))
+    # Plain byte-level BPE from transformers' GPT-2 converter (a Phi-4 GGUF): it comes wrapped in
+    # LlamaTokenizer's settings, a BOS template and "<s>"/"<unk>" tokens the vocabulary lacks.
+    wrapped = (not hybrid and (tj.get("pre_tokenizer") or {}).get("type") == "ByteLevel" and tc_path.exists()
+               and json.loads(tc_path.read_text()).get("tokenizer_class") == "LlamaTokenizer")
+    byte_level = hybrid or wrapped
+    extra: set[str] = set()
+    if wrapped:
+        size = json.loads((folder / "config.json").read_text())["vocab_size"]
+        extra = {t["content"] for t in tj.get("added_tokens", []) if t["id"] >= size}
+        tj["added_tokens"] = [t for t in tj.get("added_tokens", []) if t["id"] < size]
+        tj["post_processor"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
+                                "use_regex": True}
+        tj_path.write_text(json.dumps(tj, ensure_ascii=False, indent=1))
     _fix_sentencepiece(tj_path, tj, hybrid)
     eos = _eos_token(folder)
     tc = json.loads(tc_path.read_text()) if tc_path.exists() else {}
@@ -217,18 +273,32 @@ def fix_tokenizer(folder: Path) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     if tc.get("model_max_length", 0) > 10**9 and cfg.get("max_position_embeddings"):
         tc["model_max_length"] = cfg["max_position_embeddings"]
-    if hybrid:
+    if byte_level:
         tc["add_bos_token"] = False
         tc["add_prefix_space"] = False
         tc["tokenizer_class"] = "GPT2Tokenizer"
         tc.pop("legacy", None)
+    if wrapped:
+        for key in ("bos_token", "unk_token"):
+            if _content(tc.get(key)) in extra:
+                tc.pop(key)
+        tc["added_tokens_decoder"] = {k: v for k, v in tc.get("added_tokens_decoder", {}).items()
+                                      if int(k) < size}
     tc_path.write_text(json.dumps(tc, ensure_ascii=False, indent=2))
     stm = folder / "special_tokens_map.json"
     if stm.exists() and eos:
         m = json.loads(stm.read_text())
         m["eos_token"] = eos
         m["pad_token"] = tc.get("pad_token", eos)
+        for key in ("bos_token", "unk_token"):
+            if _content(m.get(key)) in extra:
+                m.pop(key)
         stm.write_text(json.dumps(m, ensure_ascii=False, indent=2))
+
+
+def _content(token) -> str | None:
+    """A special token as written in tokenizer files: its string, or an AddedToken's dict."""
+    return token.get("content") if isinstance(token, dict) else token
 
 
 def _fix_sentencepiece(tj_path: Path, tj: dict, hybrid: bool) -> None:

@@ -186,10 +186,19 @@ def _decode(tensor) -> _Blocks:
 _SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type → bytes
 
 
+_FORMAT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
 def gguf_summary(gguf_path: Path) -> tuple[str | None, dict[str, tuple[str, int]]]:
     """(general.architecture, {tensor: (type name, n_dims)}) from the header alone.
 
     GGUFReader decodes every metadata array (3.6 s for SmolLM2's vocabulary); this skips them."""
+    arch, tensors, _ = gguf_header(gguf_path)
+    return arch, tensors
+
+
+def gguf_header(gguf_path: Path, keys: tuple[str, ...] = ()) -> tuple[str | None, dict[str, tuple[str, int]], dict]:
+    """gguf_summary, plus {key: value} for the scalar or string metadata `keys` the file has."""
     import mmap
     import struct
 
@@ -199,7 +208,7 @@ def gguf_summary(gguf_path: Path) -> tuple[str | None, dict[str, tuple[str, int]
         if mm[:4] != b"GGUF":
             raise StoreError(f"{Path(gguf_path).name}: not a GGUF file")
         n_tensors, n_kv = struct.unpack_from("<QQ", mm, 8)
-        pos, arch = 24, None
+        pos, arch, values = 24, None, {}
 
         def string(at: int) -> tuple[str, int]:
             (n,) = struct.unpack_from("<Q", mm, at)
@@ -225,6 +234,11 @@ def gguf_summary(gguf_path: Path) -> tuple[str | None, dict[str, tuple[str, int]
             pos += 4
             if key == "general.architecture" and vtype == 8:
                 arch, pos = string(pos)
+            elif key in keys and vtype == 8:
+                values[key], pos = string(pos)
+            elif key in keys and vtype in _FORMAT:
+                (values[key],) = struct.unpack_from(_FORMAT[vtype], mm, pos)
+                pos += _SCALAR[vtype]
             else:
                 pos = skip(pos, vtype)
         tensors = {}
@@ -239,7 +253,7 @@ def gguf_summary(gguf_path: Path) -> tuple[str | None, dict[str, tuple[str, int]
             except ValueError:
                 tname = f"type {ttype}"
             tensors[name] = (tname, ndims)
-    return arch, tensors
+    return arch, tensors, values
 
 
 def native_support(gguf_path: Path) -> tuple[bool, str]:

@@ -30,6 +30,7 @@ from .child import build_in_child
 from .convert import gguf_to_hf
 from .digest import HashCache, sha256_file, sha256_json
 from .errors import StoreError, TransientError
+from .gguf_native import gguf_summary
 from .hardware import HardwareProfile, detect
 from .quality import EvalSettings, embed_sentences
 from .recipes import BuildContext, EvalContext, Recipe
@@ -554,8 +555,14 @@ class ModelStore:
         path = src.fetch()
         if src.model_format != "gguf":
             return path
-        key = sha256_json({"digest": src.digest, "transformers": versions()["transformers"],
-                           "store": STORE_VERSION})[:24]
+        fields = {"digest": src.digest, "transformers": versions()["transformers"], "store": STORE_VERSION}
+        try:
+            arch = gguf_summary(path)[0]
+        except Exception:  # noqa: BLE001 - a bad header fails in gguf_to_hf below, with its message
+            arch = None
+        if arch == "phi3":
+            fields["convert"] = 2  # phi3 conversions changed: partial rotary, original context, GPT-2 vocabulary
+        key = sha256_json(fields)[:24]
         final = self.cache.staging / key
         if (final / ".complete").exists():
             return final

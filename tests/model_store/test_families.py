@@ -274,3 +274,109 @@ def test_newer_families_to_a_served_answer(family, tmp_path, monkeypatch):
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits[0, -1].numpy()
     assert _cos(_served_logits(native, ids), want) > 0.999
+
+
+# --- Phi-4 and Phi-4-mini -------------------------------------------------------------------------------
+
+def _phi4(folder):
+    """Phi-4's shape, tiny: Phi3ForCausalLM with tiny.py's GPT-2-style byte-level BPE vocabulary and
+    16,384 positions without LongRoPE (original_max_position_embeddings = max_position_embeddings)."""
+    src = tiny_causal(folder, "phi3")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["max_position_embeddings"] = cfg["original_max_position_embeddings"] = 16384
+    (src / "config.json").write_text(json.dumps(cfg))
+    return src
+
+
+def _hf_logits(folder, ids):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(torch.tensor([ids])).logits[0, -1].numpy()
+
+
+def test_phi4_folder_and_gguf_to_a_served_answer(tmp_path, monkeypatch):
+    """Phi-4 as a transformers folder and as a Q8_0 GGUF (architecture phi3, tokenizer.ggml.model gpt2).
+    transformers 4.57 converts every phi3 GGUF vocabulary as SentencePiece (spaces vanish) and leaves
+    original_max_position_embeddings at 4096 (genai's LongRoPE path); the store reads the vocabulary
+    as byte-level BPE and the context as the original one. Served ids = the folder's tokenizer's,
+    served logits = transformers' on the folder."""
+    from tokenizers import Tokenizer
+
+    from model_store.quality import _tokenizer
+
+    from .tiny_gguf import write_gguf
+
+    monkeypatch.setenv("FMGATE_BUILD_IN_PROCESS", "1")
+    src = _phi4(tmp_path / "phi4")
+    store = ModelStore(tmp_path / "home", eval_settings=SMALL_EVAL)
+    art = store.load(str(src), task="chat", variant="genai-fp32")
+    text = "The capital of France is"
+    ids = Tokenizer.from_file(str(src / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    want = _hf_logits(src, ids)
+    assert _cos(_served_logits(art, ids), want) > 0.9999
+
+    gguf = write_gguf(src, tmp_path / "tiny-phi4.Q8_0.gguf", "Q8_0")
+    art = store.load(str(gguf), task="chat", candidates=["onnx-gguf-native"])
+    rows = {r["variant"]: r for r in art.manifest["candidates"]}
+    assert rows["onnx-gguf-native"]["passes"], rows["onnx-gguf-native"]["reason"]
+    tok = _tokenizer(art.path)
+    probe = "Hello world,  two spaces\nand a newline. " + text
+    assert tok.encode(probe, add_special_tokens=False).ids == \
+        Tokenizer.from_file(str(src / "tokenizer.json")).encode(probe, add_special_tokens=False).ids
+    assert tok.encode(text).ids == ids  # no BOS added: the file's add_bos_token is false
+    tc = json.loads((art.path / "tokenizer_config.json").read_text())
+    assert tc["eos_token"] == "<|im_end|>" and "chat_template" in tc
+    for variant in (art.variant, "onnx-gguf-native"):
+        served = store.load(str(gguf), task="chat", variant=variant)
+        assert _cos(_served_logits(served, ids), want) > 0.999, variant
+
+
+def _phi4_mini_gguf(tmp_path, extra=None):
+    from .tiny_gguf import write_gguf
+
+    src = _wide(tmp_path / "phi4-mini", "phi4-mini")
+    return src, write_gguf(src, tmp_path / "tiny-phi4-mini.Q8_0.gguf", "Q8_0", extra=extra)
+
+
+def test_phi4_mini_gguf_partial_rotary_to_a_served_answer(tmp_path, monkeypatch):
+    """Phi-4-mini's partial rotary (0.75) as a GGUF: llama.cpp writes only phi3.rope.dimension_count (48
+    of head_dim 64), which transformers 4.57 does not read. The store sets partial_rotary_factor from
+    it, so the config is the folder's and the served logits are transformers' on the folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from model_store.quality import _tokenizer
+
+    monkeypatch.setenv("FMGATE_BUILD_IN_PROCESS", "1")
+    src, gguf = _phi4_mini_gguf(tmp_path)
+    store = ModelStore(tmp_path / "home", eval_settings=SMALL_EVAL)
+    art = store.load(str(gguf), task="chat", candidates=["onnx-gguf-native"])
+    staged = next((tmp_path / "home" / "models" / "staging").glob("*/config.json"))
+    cfg, want_cfg = json.loads(staged.read_text()), json.loads((src / "config.json").read_text())
+    for key in ("partial_rotary_factor", "max_position_embeddings", "original_max_position_embeddings",
+                "hidden_size", "num_attention_heads", "num_key_value_heads", "rope_theta", "tie_word_embeddings"):
+        assert cfg[key] == want_cfg[key], key
+    ids = _tokenizer(art.path).encode("The capital of France is", add_special_tokens=False).ids
+    want = _hf_logits(src, ids)
+    for variant in (art.variant, "onnx-gguf-native"):
+        served = store.load(str(gguf), task="chat", variant=variant)
+        assert _cos(_served_logits(served, ids), want) > 0.999, variant
+    # transformers' own reading of the file rotates all 64 dims: not the model.
+    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    assert ref.config.partial_rotary_factor == 1.0
+
+
+def test_phi3_gguf_with_longrope_factors_is_refused_at_load_time(tmp_path, monkeypatch):
+    """Real Phi-4-mini (and Phi-3-128k, Phi-3.5-mini) GGUFs carry LongRoPE factor tensors, which
+    transformers 4.57 drops: refused when the file is read, naming them, before any build."""
+    from model_store import StoreError
+
+    monkeypatch.setenv("FMGATE_BUILD_IN_PROCESS", "1")
+    factors = {"rope_factors_long.weight": np.ones(24), "rope_factors_short.weight": np.ones(24)}
+    _, gguf = _phi4_mini_gguf(tmp_path, extra=factors)
+    store = ModelStore(tmp_path / "home", eval_settings=SMALL_EVAL)
+    with pytest.raises(StoreError, match=r"phi3 GGUF with LongRoPE factors .* not served yet"):
+        store.load(str(gguf), task="chat")
+    assert not list((tmp_path / "home" / "models" / "variants").glob("*.json"))

@@ -175,13 +175,14 @@ def tiny_llama_weights(folder: Path) -> Path:
     return folder
 
 
-def write_gguf(hf: Path, path: Path, ftype: str, spm: bool = False) -> Path:
+def write_gguf(hf: Path, path: Path, ftype: str, spm: bool = False, extra: dict | None = None) -> Path:
     """The transformers folder `hf` as a GGUF of `ftype`, laid out like llama.cpp's converter:
     tensor names from gguf-py's TensorNameMap, metadata from transformers' GGUF config mapping read
     backwards. Llama and Mistral are written as llama.cpp writes them, architecture "llama" with its
     Q/K row permutation; Gemma's norms get llama.cpp's +1. spm: a SentencePiece-style vocabulary
     (tokenizer model "llama": ▁ pieces, byte tokens, scores, no merges), as Mistral, Phi-3 and Gemma
-    files carry, instead of the GPT-2 BPE one; the model's vocab_size must have room for it."""
+    files carry, instead of the GPT-2 BPE one; the model's vocab_size must have room for it. extra:
+    more F32 tensors by GGUF name (LongRoPE's rope_factors_long.weight)."""
     import gguf
     from safetensors.numpy import load_file
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
@@ -202,8 +203,9 @@ def write_gguf(hf: Path, path: Path, ftype: str, spm: bool = False) -> Path:
     w.add_file_type(FILE_TYPE[ftype])
     w.add_quantization_version(2)
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    rotary = int(head_dim * cfg.get("partial_rotary_factor", 1.0))  # llama.cpp writes the rotated dims
     for key, hf_key in GGUF_CONFIG_MAPPING[arch].items():
-        value = head_dim if key == "rope.dimension_count" else cfg.get(hf_key) if hf_key else None
+        value = rotary if key == "rope.dimension_count" else cfg.get(hf_key) if hf_key else None
         if value is None:
             continue
         if isinstance(value, float):
@@ -250,6 +252,8 @@ def write_gguf(hf: Path, path: Path, ftype: str, spm: bool = False) -> Path:
         qtype = "F32" if arr.ndim == 1 else tensor_type(gname, ftype, layers)
         data, raw = encode(arr, qtype)
         w.add_tensor(gname, data, raw_dtype=raw)
+    for gname, arr in (extra or {}).items():
+        w.add_tensor(gname, np.asarray(arr, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
