@@ -76,7 +76,6 @@ class EmbedCore:
         poller.register(router, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
         log.info("embedding core for %s serving at %s (pid %d)", self.engine.name, self.address, os.getpid())
-        thread = self.batcher._thread
         next_check = time.monotonic() + 1.0
         drain_until = None
         code = 0
@@ -98,7 +97,7 @@ class EmbedCore:
                     except ValueError:
                         continue
                     self._handle(ident, payload)
-            if not thread.is_alive() and not self.stopping:
+            if not self.batcher.alive and not self.stopping:
                 self._send_results()
                 log.error("embedding core for %s: the batcher thread died; exiting so it restarts", self.engine.name)
                 code = 3

@@ -103,6 +103,11 @@ class EmbeddingBatcher:
     def busy(self) -> int:
         return len(self._queue)
 
+    @property
+    def alive(self) -> bool:
+        """False once the batcher thread has stopped (shut down, or died)."""
+        return self._thread.is_alive()
+
     def shutdown(self) -> None:
         with self._cv:
             self._stopping = True
