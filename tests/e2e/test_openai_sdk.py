@@ -65,8 +65,15 @@ def test_sampling_options(server):
     again = client.chat.completions.create(model=CHAT_MODEL, messages=PARIS, temperature=1.0, top_p=0.9, n=3,
                                            seed=7, max_completion_tokens=12)
     assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]
-    stopped = client.chat.completions.create(model=CHAT_MODEL, messages=PARIS, temperature=0, stop=["Paris"])
-    assert "Paris" not in stopped.choices[0].message.content and stopped.choices[0].finish_reason == "stop"
+    # The same greedy request without `stop` goes on past "Paris"; with it, the text is cut just before
+    # (the server strips no whitespace, as in tests/e2e/test_stop_strings.py).
+    full = client.chat.completions.create(model=CHAT_MODEL, messages=PARIS, temperature=0, max_tokens=32)
+    full_text = full.choices[0].message.content
+    assert "Paris" in full_text, full_text
+    stopped = client.chat.completions.create(model=CHAT_MODEL, messages=PARIS, temperature=0, max_tokens=32,
+                                             stop=["Paris"])
+    assert stopped.choices[0].message.content == full_text[:full_text.index("Paris")], (full_text, stopped)
+    assert stopped.choices[0].finish_reason == "stop"
     short = client.chat.completions.create(model=CHAT_MODEL, messages=PARIS, temperature=0, max_tokens=3)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
 
