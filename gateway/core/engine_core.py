@@ -64,6 +64,12 @@ class _Flushing:
     def __init__(self, runner: Any, flush):
         self._runner = runner
         self._flush = flush
+        if hasattr(runner, "prefill_many"):  # only where the runner has it: the scheduler checks with hasattr
+            self.prefill_many = self._prefill_many
+
+    def _prefill_many(self, *a, **kw):
+        self._flush()
+        return self._runner.prefill_many(*a, **kw)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runner, name)
