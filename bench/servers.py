@@ -95,6 +95,12 @@ def _fmgate(port: int) -> Launch:
     return Launch([_fmgate_bin(), "serve"], env)
 
 
+def _fmgate_engine_process(port: int) -> Launch:
+    launch = _fmgate(port)
+    launch.env["FMGATE_ENGINE_PROCESS"] = "true"
+    return launch
+
+
 def _fmgate_version() -> str:
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -162,6 +168,11 @@ SPECS: dict[str, ServerSpec] = {s.name: s for s in [
         "the gateway under test, with the variant it picks for this CPU",
         (), _fmgate, ready_path="/readyz", ready_timeout=1800.0, version=_fmgate_version),
     ServerSpec(
+        "fmgate-engine-process", "fmgate --engine-process", ("chat", "embed"),
+        f"FMGATE_THREADS={THREADS}, FMGATE_ENGINE_PROCESS=true (a core process per model), defaults otherwise",
+        "the same fmgate with each model's engine in its own process (issue 17): is it faster on this box?",
+        (), _fmgate_engine_process, ready_path="/readyz", ready_timeout=1800.0, version=_fmgate_version),
+    ServerSpec(
         "llama-server", "llama-server -np 8", ("chat",),
         f"-np {LLAMA_SERVER_SLOTS} -c {LLAMA_SERVER_SLOTS * LLAMA_SERVER_CTX_PER_SLOT} -t {LLAMA_SERVER_THREADS} "
         f"-tb {THREADS} --cont-batching, -march=native build, Q4_1 GGUF",
@@ -195,7 +206,7 @@ SPECS: dict[str, ServerSpec] = {s.name: s for s in [
 
 ALIASES = {
     "all": list(SPECS),
-    "peers": [n for n in SPECS if n != "fmgate"],
+    "peers": [n for n in SPECS if not n.startswith("fmgate")],
     "naive": ["naive-chat", "naive-embed"],
     "chat": [n for n, s in SPECS.items() if "chat" in s.kinds],
     "embed": [n for n, s in SPECS.items() if "embed" in s.kinds],
