@@ -14,26 +14,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
-import queue
 import threading
-import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import zmq
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
-from zmq.utils.monitor import recv_monitor_message
 
 from .. import metrics
 from ..engines.base import EngineError, EngineUnavailable, Overloaded, SamplingParams
 from ..engines.llm import LLMEngine
 from ..scheduler.generation import Event
 from . import wire
+from .sockets import ClientIO
 
 log = logging.getLogger("fmgate.core.client")
 
@@ -52,7 +47,7 @@ class EngineClient(LLMEngine):
         self.up = False
         self.runner: Any = None
         self.scheduler: Any = None
-        self._io = _IO(self)
+        self._io = ClientIO(self, wire, f"core-client-{name}")
         if not self._welcomed.wait(connect_timeout):
             self._io.stop()
             raise RuntimeError(f"the engine core of {name} at {address} did not answer in {connect_timeout:.0f}s")
@@ -134,6 +129,20 @@ class EngineClient(LLMEngine):
                 by_loop.setdefault(loop, []).append((q, (i, wire.event_in(o))))
         for loop, batch in by_loop.items():
             _post(loop, batch)
+
+    def _received(self, msgs: list) -> None:
+        for msg in msgs:
+            if isinstance(msg, wire.Outputs):
+                self._deliver(msg.outs)
+            elif isinstance(msg, wire.Refused):
+                self._refused(msg)
+            elif isinstance(msg, wire.Welcome):
+                self._welcome(msg)
+
+    def _unsent(self, msg: Any) -> None:
+        if isinstance(msg, wire.Submit):
+            self._refused(wire.Refused([it.rid for it in msg.items], "unavailable",
+                                       f"The engine for {self.name} is not available; retry later.", 5))
 
     def _refused(self, r: wire.Refused) -> None:
         with self._lock:
@@ -235,114 +244,3 @@ def _refusal(r: wire.Refused) -> Exception:
     if r.kind == "overloaded":
         return Overloaded(r.message, retry_after=r.retry_after)
     return EngineUnavailable(r.message, retry_after=r.retry_after or 5)
-
-
-class _IO:
-    """The client's socket thread."""
-
-    def __init__(self, client: EngineClient):
-        self.client = client
-        self.ctx = zmq.Context()
-        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._wake_addr = f"inproc://fmgate-client-{uuid.uuid4().hex}"
-        self._wake_pull = self.ctx.socket(zmq.PULL)
-        self._wake_pull.bind(self._wake_addr)
-        self._wake_push = self.ctx.socket(zmq.PUSH)
-        self._wake_push.setsockopt(zmq.LINGER, 0)
-        self._wake_push.connect(self._wake_addr)
-        self._push_lock = threading.Lock()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._main, name=f"core-client-{client.name}", daemon=True)
-        self._thread.start()
-
-    def send(self, msg: Any) -> None:
-        self._outbox.put(msg)
-        with self._push_lock:
-            if not self._stopping:
-                self._wake_push.send(b"", copy=False)
-
-    def stop(self) -> None:
-        with self._push_lock:
-            if self._stopping:
-                return
-            self._stopping = True
-            self._wake_push.send(b"", copy=False)
-        self._thread.join(timeout=10)
-        with self._push_lock:
-            self._wake_push.close()
-        if not self._thread.is_alive():
-            self.ctx.term()
-
-    def _main(self) -> None:
-        c = self.client
-        dealer = self.ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.IDENTITY, f"{os.getpid()}-{uuid.uuid4().hex[:12]}".encode())
-        dealer.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for a core that is not there
-        dealer.setsockopt(zmq.LINGER, 0)
-        dealer.setsockopt(zmq.SNDHWM, 0)
-        dealer.setsockopt(zmq.RCVHWM, 0)
-        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
-        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-        monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        dealer.connect(c.address)
-        poller = zmq.Poller()
-        poller.register(dealer, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
-        poller.register(self._wake_pull, zmq.POLLIN)
-        hello = wire.encoder.encode(wire.Hello(os.getpid()))
-        next_hello = 0.0
-        try:
-            while not self._stopping:
-                ready = dict(poller.poll(200))
-                if monitor in ready:
-                    while True:
-                        try:
-                            ev = recv_monitor_message(monitor, zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        if ev["event"] == zmq.EVENT_DISCONNECTED:
-                            c._lost()
-                            next_hello = 0.0
-                        elif ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                            next_hello = 0.0
-                if dealer in ready:
-                    while True:
-                        try:
-                            payload = dealer.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        msg = wire.from_core.decode(payload)
-                        if isinstance(msg, wire.Outputs):
-                            c._deliver(msg.outs)
-                        elif isinstance(msg, wire.Refused):
-                            c._refused(msg)
-                        elif isinstance(msg, wire.Welcome):
-                            c._welcome(msg)
-                if self._wake_pull in ready:
-                    while True:
-                        try:
-                            self._wake_pull.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                while True:
-                    try:
-                        msg = self._outbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    try:
-                        dealer.send(wire.encoder.encode(msg), zmq.NOBLOCK)
-                    except zmq.Again:  # no core connected
-                        if isinstance(msg, wire.Submit):
-                            c._refused(wire.Refused([it.rid for it in msg.items], "unavailable",
-                                                    f"The engine for {c.name} is not available; retry later.", 5))
-                if not c.up and time.monotonic() >= next_hello:
-                    next_hello = time.monotonic() + 0.5
-                    try:
-                        dealer.send(hello, zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass
-        finally:
-            dealer.disable_monitor()
-            monitor.close(0)
-            dealer.close(0)
-            self._wake_pull.close(0)

@@ -11,25 +11,21 @@ request in flight fails with a 503, and `ready` turns False until the restarted 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
-import os
-import queue
 import threading
-import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from .. import metrics
 from ..engines.base import EngineError, EngineUnavailable, Overloaded
 from ..engines.embedder import EmbeddingEngine
 from . import embed_wire as wire
+from . import sockets
 
 log = logging.getLogger("fmgate.core.client")
 
@@ -51,7 +47,7 @@ class EmbedClient(EmbeddingEngine):
         self._welcomed = threading.Event()
         self.welcome: wire.Welcome | None = None
         self.up = False
-        self._io = _IO(self)
+        self._io = sockets.ClientIO(self, wire, f"embed-client-{name}")
         if not self._welcomed.wait(connect_timeout):
             self._io.stop()
             raise RuntimeError(f"the embedding core of {name} at {address} did not answer in {connect_timeout:.0f}s")
@@ -115,6 +111,21 @@ class EmbedClient(EmbeddingEngine):
         for loop, batch in by_loop.items():
             _post(loop, batch)
 
+    def _received(self, msgs: list) -> None:
+        results = []
+        for msg in msgs:
+            if isinstance(msg, wire.Welcome):
+                self._welcome(msg)
+            else:
+                results.append(msg)
+        if results:
+            self._resolve(results)
+
+    def _unsent(self, msg: Any) -> None:
+        if isinstance(msg, wire.Embed):
+            self._resolve([wire.Refused(msg.rid, "unavailable",
+                                        f"The engine for {self.name} is not available; retry later.", 5)])
+
     def _fail_all(self, exc: Exception) -> None:
         with self._lock:
             entries, self._waiting = list(self._waiting.values()), {}
@@ -168,128 +179,4 @@ def _refusal(r: wire.Refused) -> Exception:
     return RuntimeError(r.message)  # the encoder failed: a 500, as in single-process mode
 
 
-def probe(address: str, timeout: float) -> wire.Welcome | None:
-    """Hello -> Welcome on a throwaway socket; None if no answer within `timeout`."""
-    s = zmq.Context.instance().socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(address)
-    try:
-        deadline = time.monotonic() + timeout
-        s.send(wire.encoder.encode(wire.Hello(os.getpid())))
-        while time.monotonic() < deadline:
-            if s.poll(200):
-                msg = wire.from_core.decode(s.recv())
-                if isinstance(msg, wire.Welcome):
-                    return msg
-        return None
-    finally:
-        s.close(0)
-
-
-class _IO:
-    """The client's socket thread (the same shape as client._IO, for this wire)."""
-
-    def __init__(self, client: EmbedClient):
-        self.client = client
-        self.ctx = zmq.Context()
-        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._wake_addr = f"inproc://fmgate-embed-client-{uuid.uuid4().hex}"
-        self._wake_pull = self.ctx.socket(zmq.PULL)
-        self._wake_pull.bind(self._wake_addr)
-        self._wake_push = self.ctx.socket(zmq.PUSH)
-        self._wake_push.setsockopt(zmq.LINGER, 0)
-        self._wake_push.connect(self._wake_addr)
-        self._push_lock = threading.Lock()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._main, name=f"embed-client-{client.name}", daemon=True)
-        self._thread.start()
-
-    def send(self, msg: Any) -> None:
-        self._outbox.put(msg)
-        with self._push_lock:
-            if not self._stopping:
-                self._wake_push.send(b"", copy=False)
-
-    def stop(self) -> None:
-        with self._push_lock:
-            if self._stopping:
-                return
-            self._stopping = True
-            self._wake_push.send(b"", copy=False)
-        self._thread.join(timeout=10)
-        with self._push_lock:
-            self._wake_push.close()
-        if not self._thread.is_alive():
-            self.ctx.term()
-
-    def _main(self) -> None:
-        c = self.client
-        dealer = self.ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.IDENTITY, f"{os.getpid()}-{uuid.uuid4().hex[:12]}".encode())
-        dealer.setsockopt(zmq.IMMEDIATE, 1)  # nothing queues for a core that is not there
-        dealer.setsockopt(zmq.LINGER, 0)
-        dealer.setsockopt(zmq.SNDHWM, 0)
-        dealer.setsockopt(zmq.RCVHWM, 0)
-        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
-        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-        monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        dealer.connect(c.address)
-        poller = zmq.Poller()
-        poller.register(dealer, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
-        poller.register(self._wake_pull, zmq.POLLIN)
-        hello = wire.encoder.encode(wire.Hello(os.getpid()))
-        next_hello = 0.0
-        try:
-            while not self._stopping:
-                ready = dict(poller.poll(200))
-                if monitor in ready:
-                    while True:
-                        try:
-                            ev = recv_monitor_message(monitor, zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        if ev["event"] == zmq.EVENT_DISCONNECTED:
-                            c._lost()
-                        next_hello = 0.0
-                if dealer in ready:
-                    results = []
-                    while True:
-                        try:
-                            msg = wire.from_core.decode(dealer.recv(zmq.NOBLOCK))
-                        except zmq.Again:
-                            break
-                        if isinstance(msg, wire.Welcome):
-                            c._welcome(msg)
-                        else:
-                            results.append(msg)
-                    if results:
-                        c._resolve(results)
-                if self._wake_pull in ready:
-                    while True:
-                        try:
-                            self._wake_pull.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                while True:
-                    try:
-                        msg = self._outbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    try:
-                        dealer.send(wire.encoder.encode(msg), zmq.NOBLOCK)
-                    except zmq.Again:  # no core connected
-                        if isinstance(msg, wire.Embed):
-                            c._resolve([wire.Refused(msg.rid, "unavailable",
-                                                     f"The engine for {c.name} is not available; retry later.", 5)])
-                if not c.up and time.monotonic() >= next_hello:
-                    next_hello = time.monotonic() + 0.5
-                    try:
-                        dealer.send(hello, zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass
-        finally:
-            dealer.disable_monitor()
-            monitor.close(0)
-            dealer.close(0)
-            self._wake_pull.close(0)
+probe = functools.partial(sockets.probe, wire)

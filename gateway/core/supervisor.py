@@ -10,6 +10,7 @@ unless the server is stopping, with a backoff of 0.5 s doubling to 10 s while it
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -21,10 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import zmq
-
 from ..settings import ModelConfig, Settings
-from . import embed_client, wire
+from . import embed_client, sockets, wire
 
 log = logging.getLogger("fmgate.core")
 
@@ -43,23 +42,7 @@ class Core:
     kind: str = "chat"  # chat (gateway.core) or embed (gateway.core.embed_core)
 
 
-def probe(address: str, timeout: float) -> wire.Welcome | None:
-    """Hello -> Welcome on a throwaway socket; None if no answer within `timeout`."""
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(address)
-    try:
-        deadline = time.monotonic() + timeout
-        s.send(wire.encoder.encode(wire.Hello(os.getpid())))
-        while time.monotonic() < deadline:
-            if s.poll(200):
-                msg = wire.from_core.decode(s.recv())
-                if isinstance(msg, wire.Welcome):
-                    return msg
-        return None
-    finally:
-        s.close(0)
+probe = functools.partial(sockets.probe, wire)
 
 
 class Supervisor:
