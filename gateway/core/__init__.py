@@ -5,5 +5,7 @@
 - supervisor: started by `fmgate serve`; builds/locates each chat model, starts its core, restarts it when
   it dies, and stops every core at shutdown.
 - wire: the msgspec structs both sides send.
+- embed_core, embed_client, embed_wire: the same three for embedding models (the batcher in the core).
+- sockets (the client's socket thread, probe) and core_loop (the core's main loop, main): shared by both.
 See docs/processes.md.
 """

@@ -8,31 +8,32 @@ encoder as large batches. The engine is built as the API process would build it 
 Two threads: the batcher's own, whose done callbacks only queue results and wake this main thread, and
 this main thread, which owns the ROUTER socket and sends each result as raw float32 bytes.
 Like the chat core: exits 3 when the batcher thread dies, drains and exits 0 on SIGTERM, ignores SIGINT,
-and dies with its parent. The socket, parent-death and liveness helpers are engine_core's.
+and dies with its parent. The main loop and the parent-death and liveness helpers are core_loop's.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import queue
-import signal
 import sys
-import time
 from typing import Any
 
 import zmq
 
+from . import core_loop
 from . import embed_wire as wire
-from .engine_core import DRAIN_S, _die_with_parent, pid_alive
+from .core_loop import CoreLoop, pid_alive
 
 log = logging.getLogger("fmgate.core")
 
-WAKE = "inproc://fmgate-embed-core-wake"
 
+class EmbedCore(CoreLoop):
+    kind = "embedding core"
+    worker = "batcher thread"
+    items = "requests"
+    wake = "inproc://fmgate-embed-core-wake"
 
-class EmbedCore:
     def __init__(self, engine: Any, address: str, parent: int | None = None):
         self.engine = engine
         self.batcher = engine.batcher
@@ -53,77 +54,33 @@ class EmbedCore:
             if self._push is None:  # only the batcher thread calls this: one socket, made on first use
                 self._push = self.ctx.socket(zmq.PUSH)
                 self._push.setsockopt(zmq.LINGER, 0)
-                self._push.connect(WAKE)
+                self._push.connect(self.wake)
             self._push.send(b"", copy=False)
         return done
 
-    # -- the main thread --
+    # -- the main thread (CoreLoop's hooks first) --
 
-    def serve(self) -> int:
-        if self.address.startswith("ipc://"):
-            try:
-                os.unlink(self.address[len("ipc://"):])
-            except FileNotFoundError:
-                pass
-        router = self.router = self.ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.SNDHWM, 0)
-        router.setsockopt(zmq.RCVHWM, 0)
-        router.setsockopt(zmq.LINGER, 2000)
-        wake = self.ctx.socket(zmq.PULL)
-        wake.bind(WAKE)
-        router.bind(self.address)
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        poller.register(wake, zmq.POLLIN)
-        log.info("embedding core for %s serving at %s (pid %d)", self.engine.name, self.address, os.getpid())
-        next_check = time.monotonic() + 1.0
-        drain_until = None
-        code = 0
-        while True:
-            ready = dict(poller.poll(100))
-            if wake in ready:
-                while True:
-                    try:
-                        wake.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-            self._send_results()
-            if router in ready:
-                while True:
-                    try:
-                        ident, payload = router.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    except ValueError:
-                        continue
-                    self._handle(ident, payload)
-            if not self.batcher.alive and not self.stopping:
-                self._send_results()
-                log.error("embedding core for %s: the batcher thread died; exiting so it restarts", self.engine.name)
-                code = 3
-                break
-            now = time.monotonic()
-            if now >= next_check:
-                next_check = now + 1.0
-                self._reap_clients()
-                if self.parent is not None and os.getppid() != self.parent:
-                    self.stopping = True
-            if self.stopping:
-                if drain_until is None:
-                    drain_until = now + DRAIN_S
-                    log.info("embedding core for %s draining %d requests", self.engine.name, len(self.jobs))
-                if not self.jobs or now >= drain_until:
-                    break
-        if code == 0:
-            self.engine.close()  # the batcher finishes what is queued, then stops
-            self._send_results()
-            for ident, rid in list(self.jobs):
-                self._reply(ident, wire.Refused(rid, "unavailable", "The server is shutting down.", retry_after=5))
-        if self._push is not None:  # its thread has stopped
+    def _woken(self, woken: bool) -> None:
+        self._send_results()
+
+    def _worker_alive(self) -> bool:
+        return self.batcher.alive
+
+    def _send_last(self) -> None:
+        self._send_results()
+
+    def _live(self) -> dict:
+        return self.jobs
+
+    def _shut_down(self) -> None:
+        self.engine.close()  # the batcher finishes what is queued, then stops
+        self._send_results()
+        for ident, rid in list(self.jobs):
+            self._reply(ident, wire.Refused(rid, "unavailable", "The server is shutting down.", retry_after=5))
+
+    def _close_pushes(self) -> None:
+        if self._push is not None:
             self._push.close()
-        router.close()
-        wake.close()
-        return code
 
     def _send_results(self) -> None:
         while True:
@@ -198,34 +155,7 @@ def _refusal(rid: int, exc: Exception) -> wire.Refused:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gateway.core.embed_core")
-    ap.add_argument("--address", required=True)
-    ap.add_argument("--model-json", required=True)
-    ap.add_argument("--path", required=True)
-    ap.add_argument("--fmt", required=True)
-    ap.add_argument("--variant", default="prebuilt")
-    ap.add_argument("--parent", type=int, default=None)
-    args = ap.parse_args(argv)
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from pathlib import Path
-
-    from .. import logs
-    from ..registry import Registry
-    from ..settings import ModelConfig, Settings
-
-    settings = Settings(engine_process=False, engine_cores={})
-    logs.setup(settings.log_level, settings.log_json)
-    if args.parent is not None and os.getppid() != args.parent:
-        return 0  # the parent is already gone
-    cfg = ModelConfig.model_validate_json(args.model_json)
-    served = Registry(settings)._engine(cfg, Path(args.path), args.fmt, args.variant, {})
-    core = EmbedCore(served.engine, args.address, args.parent)
-    signal.signal(signal.SIGTERM, lambda *_: setattr(core, "stopping", True))
-    code = core.serve()
-    core.ctx.term()
-    logging.shutdown()
-    os._exit(code)  # no waiting on daemon threads or atexit hooks of the runtime libraries
+    return core_loop.main(EmbedCore, "python -m gateway.core.embed_core", argv)
 
 
 if __name__ == "__main__":

@@ -7,56 +7,28 @@ runner are the same classes. Two threads:
 - the scheduler thread (GenerationScheduler's own) runs steps and hands events to sinks; the sinks only
   collect them, and the batch of a step goes out when the next runner call starts (or at once when a
   sequence finishes), so one step costs one message per client;
-- this main thread owns the ROUTER socket: it decodes Hello/Submit/Abort, submits and cancels, and
-  sends each step's batch to each client.
+- this main thread (core_loop.CoreLoop's loop) owns the ROUTER socket: it decodes Hello/Submit/Abort,
+  submits and cancels, and sends each step's batch to each client.
 The core exits 3 when its scheduler thread dies (the supervisor restarts it), drains and exits 0 on
 SIGTERM, ignores SIGINT (the parent decides), and dies with its parent (PR_SET_PDEATHSIG, and a check).
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
-import ctypes
 import logging
 import os
 import queue
-import signal
 import sys
 import threading
-import time
 from typing import Any
 
 import zmq
 
-from . import wire
+from . import core_loop, wire
+from .core_loop import CoreLoop, pid_alive
 
 log = logging.getLogger("fmgate.core")
-
-WAKE = "inproc://fmgate-core-wake"
-DRAIN_S = 30.0
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
 
 class _Flushing:
     """The runner, plus a flush of the previous step's events before each runner call: a step boundary."""
@@ -83,7 +55,7 @@ class _Flushing:
         return self._runner.decode(*a, **kw)
 
 
-class EngineCore:
+class EngineCore(CoreLoop):
     def __init__(self, engine: Any, address: str, parent: int | None = None):
         self.engine = engine
         self.scheduler = engine.scheduler
@@ -121,78 +93,34 @@ class EngineCore:
         if push is None:
             push = self._local.push = self.ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 0)
-            push.connect(WAKE)
+            push.connect(self.wake)
             self._pushes.append(push)
         push.send(b"", copy=False)
 
-    # -- the main thread --
+    # -- the main thread (CoreLoop's hooks first) --
 
-    def serve(self) -> int:
-        if self.address.startswith("ipc://"):
-            try:
-                os.unlink(self.address[len("ipc://"):])
-            except FileNotFoundError:
-                pass
-        router = self.ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.SNDHWM, 0)
-        router.setsockopt(zmq.RCVHWM, 0)
-        router.setsockopt(zmq.LINGER, 2000)
-        wake = self.ctx.socket(zmq.PULL)
-        wake.bind(WAKE)
-        router.bind(self.address)
-        self.router = router
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        poller.register(wake, zmq.POLLIN)
-        log.info("engine core for %s serving at %s (pid %d)", self.engine.name, self.address, os.getpid())
-        next_check = time.monotonic() + 1.0
-        drain_until = None
-        code = 0
-        while True:
-            ready = dict(poller.poll(100))
-            if wake in ready:
-                while True:
-                    try:
-                        wake.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                self._send_outputs()
-            if router in ready:
-                while True:
-                    try:
-                        ident, payload = router.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    except ValueError:
-                        continue
-                    self._handle(ident, payload)
-            if not self.scheduler.alive and not self.stopping:
-                self.flush()
-                self._send_outputs()
-                log.error("engine core for %s: the scheduler thread died; exiting so it restarts", self.engine.name)
-                code = 3
-                break
-            now = time.monotonic()
-            if now >= next_check:
-                next_check = now + 1.0
-                self._reap_clients()
-                if self.parent is not None and os.getppid() != self.parent:
-                    self.stopping = True
-            if self.stopping:
-                if drain_until is None:
-                    drain_until = now + DRAIN_S
-                    log.info("engine core for %s draining %d sequences", self.engine.name, len(self.seqs))
-                if not self.seqs or now >= drain_until:
-                    break
-        if code == 0:
-            self.engine.close()  # aborts what is left (final events) and stops the thread
-            self.flush()
+    def _woken(self, woken: bool) -> None:
+        if woken:
             self._send_outputs()
-        for push in self._pushes:  # their threads have stopped
+
+    def _worker_alive(self) -> bool:
+        return self.scheduler.alive
+
+    def _send_last(self) -> None:
+        self.flush()
+        self._send_outputs()
+
+    def _live(self) -> dict:
+        return self.seqs
+
+    def _shut_down(self) -> None:
+        self.engine.close()  # aborts what is left (final events) and stops the thread
+        self.flush()
+        self._send_outputs()
+
+    def _close_pushes(self) -> None:
+        for push in self._pushes:
             push.close()
-        router.close()
-        wake.close()
-        return code
 
     def _send_outputs(self) -> None:
         by_client: dict[bytes, list[wire.Out]] = {}
@@ -292,34 +220,7 @@ class EngineCore:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gateway.core")
-    ap.add_argument("--address", required=True)
-    ap.add_argument("--model-json", required=True)
-    ap.add_argument("--path", required=True)
-    ap.add_argument("--fmt", required=True)
-    ap.add_argument("--variant", default="prebuilt")
-    ap.add_argument("--parent", type=int, default=None)
-    args = ap.parse_args(argv)
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from pathlib import Path
-
-    from .. import logs
-    from ..registry import Registry
-    from ..settings import ModelConfig, Settings
-
-    settings = Settings(engine_process=False, engine_cores={})
-    logs.setup(settings.log_level, settings.log_json)
-    if args.parent is not None and os.getppid() != args.parent:
-        return 0  # the parent is already gone
-    cfg = ModelConfig.model_validate_json(args.model_json)
-    served = Registry(settings)._engine(cfg, Path(args.path), args.fmt, args.variant, {})
-    core = EngineCore(served.engine, args.address, args.parent)
-    signal.signal(signal.SIGTERM, lambda *_: setattr(core, "stopping", True))
-    code = core.serve()
-    core.ctx.term()
-    logging.shutdown()
-    os._exit(code)  # no waiting on daemon threads or atexit hooks of the runtime libraries
+    return core_loop.main(EngineCore, "python -m gateway.core", argv)
 
 
 if __name__ == "__main__":
