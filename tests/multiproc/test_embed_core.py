@@ -11,21 +11,28 @@ finally, and nothing asserts on time. The burst's batch is deterministic: that s
 from __future__ import annotations
 
 import os
-import re
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
 import openai
-import psutil
 import pytest
 
 from gateway.core.embed_client import probe
 from gateway.engines.embedder import EmbeddingEngine
 from tests.conftest import EMBED_MODEL, EMBED_SOURCE, Server
-from tests.multiproc.test_engine_process import descendants, gone, home_for, kill_all, owner_of, wait_for
+from tests.multiproc.test_engine_process import (
+    core_address,
+    core_pids,
+    descendants,
+    gone,
+    home_for,
+    kill_all,
+    owner_of,
+    start,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -52,32 +59,8 @@ TEXTS = ["Paris is the capital of France.", "short", "a slightly longer sentence
          "The quick brown fox jumps over the lazy dog " * 4] + [f"sentence {i} about rivers and hills" for i in range(16)]
 
 
-def start(home: Path, config: str) -> Server:
-    srv = Server(home, env={"FMGATE_ENGINE_PROCESS": "true", "FMGATE_WORKERS": "2", "FMGATE_AUTH": "off"},
-                 config=config)
-    try:
-        srv.wait_ready(timeout=600)
-    except BaseException:
-        kill_all(srv)
-        raise
-    return srv
-
-
-def embed_core_pids(srv: Server) -> list[int]:
-    out = []
-    for p in descendants(srv):
-        try:
-            if "gateway.core.embed_core" in " ".join(p.cmdline()):
-                out.append(p.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-def embed_core_address(srv: Server) -> str:
-    found = re.findall(r"embedding core for \S+ serving at (ipc://\S+)", srv.logs)
-    assert found, srv.logs[-3000:]
-    return found[-1]
+EMBED = "gateway.core.embed_core"
+ENV = {"FMGATE_WORKERS": "2", "FMGATE_AUTH": "off"}
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -96,7 +79,7 @@ def reference(embed_artifact):
 
 @pytest.fixture(scope="module")
 def ec(store_home, embed_artifact, tmp_path_factory):
-    srv = start(home_for(tmp_path_factory.mktemp("ec"), store_home), CONFIG)
+    srv = start(home_for(tmp_path_factory.mktemp("ec"), store_home), ENV, CONFIG)
     try:
         yield srv
     finally:
@@ -104,7 +87,7 @@ def ec(store_home, embed_artifact, tmp_path_factory):
 
 
 def test_sdk_vectors_equal_the_single_process_engine(ec, reference):
-    assert len(embed_core_pids(ec)) == 1
+    assert len(core_pids(ec, EMBED)) == 1
     client = ec.client()
     one = client.embeddings.create(model=EMBED_MODEL, input=TEXTS[0])
     assert len(one.data) == 1 and one.model == EMBED_MODEL and one.usage.prompt_tokens > 0
@@ -137,7 +120,7 @@ def test_bad_input_is_a_400_in_openai_shape_through_the_core(ec):
 
 
 def test_a_killed_embedding_core_gives_503s_then_comes_back(ec, reference):
-    [old] = embed_core_pids(ec)
+    [old] = core_pids(ec, EMBED)
     os.kill(old, signal.SIGKILL)
     wait_for(lambda: gone(old), "the core to die")
     with httpx.Client(base_url=ec.base_url, timeout=300) as http:
@@ -153,7 +136,7 @@ def test_a_killed_embedding_core_gives_503s_then_comes_back(ec, reference):
         assert r.status_code == 200, r.text
         got = np.asarray([r.json()["data"][0]["embedding"]], dtype=np.float32)
         assert cosines(got, reference.embed(TEXTS[:1])).min() >= 0.99999
-    new = embed_core_pids(ec)
+    new = core_pids(ec, EMBED)
     assert new and old not in new
 
 
@@ -161,7 +144,7 @@ def test_a_killed_embedding_core_gives_503s_then_comes_back(ec, reference):
 
 @pytest.fixture(scope="module")
 def burst_srv(store_home, embed_artifact, tmp_path_factory):
-    srv = start(home_for(tmp_path_factory.mktemp("burst"), store_home), BURST_CONFIG)
+    srv = start(home_for(tmp_path_factory.mktemp("burst"), store_home), ENV, BURST_CONFIG)
     try:
         yield srv
     finally:
@@ -195,7 +178,7 @@ def pinned_clients(srv: Server, per_worker: int) -> list[httpx.Client]:
 def test_a_burst_over_both_api_workers_reaches_the_encoder_as_one_batch(burst_srv, reference):
     """BURST - 1 requests wait in the core's queue (the batch is not full); a request that would overflow
     the queue bound they share is a 429; the last request fills the batch and all are served at once."""
-    address = embed_core_address(burst_srv)
+    address = core_address(burst_srv, "embedding core")
     before = probe(address, 30)
     assert before is not None and before.batches == 0 and before.max_queued == BURST_QUEUE
     clients = pinned_clients(burst_srv, BURST // 2)
@@ -229,7 +212,7 @@ def test_a_burst_over_both_api_workers_reaches_the_encoder_as_one_batch(burst_sr
 def test_sigterm_leaves_no_process_behind(burst_srv):
     family = [p.pid for p in descendants(burst_srv)]
     try:
-        assert len(embed_core_pids(burst_srv)) == 1 and len(family) >= 3  # the core and two API workers
+        assert len(core_pids(burst_srv, EMBED)) == 1 and len(family) >= 3  # the core and two API workers
         burst_srv.proc.send_signal(signal.SIGTERM)
         burst_srv.proc.wait(300)
         assert burst_srv.proc.returncode == 0, burst_srv.logs[-3000:]

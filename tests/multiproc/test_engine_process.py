@@ -65,19 +65,19 @@ def gone(pid: int) -> bool:
         return True
 
 
-def core_pids(srv: Server) -> list[int]:
+def core_pids(srv: Server, module: str = "gateway.core") -> list[int]:
     out = []
     for p in descendants(srv):
         try:
-            if "gateway.core" in " ".join(p.cmdline()):
+            if module in " ".join(p.cmdline()):
                 out.append(p.pid)
         except psutil.NoSuchProcess:
             pass
     return out
 
 
-def core_address(srv: Server) -> str:
-    found = re.findall(r"engine core for \S+ serving at (ipc://\S+)", srv.logs)
+def core_address(srv: Server, kind: str = "engine core") -> str:
+    found = re.findall(kind + r" for \S+ serving at (ipc://\S+)", srv.logs)
     assert found, srv.logs[-3000:]
     return found[-1]
 
