@@ -48,6 +48,7 @@ class CoreLoop:
     worker = "scheduler thread"
     items = "sequences"
     wake = "inproc://fmgate-core-wake"
+    wire: Any  # the core's wire module (wire or embed_wire)
     engine: Any
     address: str
     parent: int | None
@@ -92,7 +93,12 @@ class CoreLoop:
                         break
                     except ValueError:
                         continue
-                    self._handle(ident, payload)
+                    try:
+                        msg = self.wire.to_core.decode(payload)
+                    except Exception as exc:
+                        log.warning("%s: undecodable message from a client: %s", self.kind, exc)
+                        continue
+                    self._handle(ident, msg)
             if not self._worker_alive() and not self.stopping:
                 self._send_last()
                 log.error("%s for %s: the %s died; exiting so it restarts", self.kind, self.engine.name, self.worker)
@@ -138,7 +144,11 @@ class CoreLoop:
     def _close_pushes(self) -> None:
         pass
 
-    def _handle(self, ident: bytes, payload: bytes) -> None:
+    def _reply(self, ident: bytes, msg: Any) -> None:
+        self.router.send_multipart([ident, self.wire.encoder.encode(msg)])
+
+    def _handle(self, ident: bytes, msg: Any) -> None:
+        """One decoded message from a client."""
         raise NotImplementedError
 
     def _reap_clients(self) -> None:

@@ -33,6 +33,7 @@ class EmbedCore(CoreLoop):
     worker = "batcher thread"
     items = "requests"
     wake = "inproc://fmgate-embed-core-wake"
+    wire = wire
 
     def __init__(self, engine: Any, address: str, parent: int | None = None):
         self.engine = engine
@@ -96,15 +97,7 @@ class EmbedCore(CoreLoop):
                 msg = _refusal(rid, err)
             self._reply(ident, msg)
 
-    def _reply(self, ident: bytes, msg: Any) -> None:
-        self.router.send_multipart([ident, wire.encoder.encode(msg)])
-
-    def _handle(self, ident: bytes, payload: bytes) -> None:
-        try:
-            msg = wire.to_core.decode(payload)
-        except Exception as exc:
-            log.warning("embedding core: undecodable message from a client: %s", exc)
-            return
+    def _handle(self, ident: bytes, msg: Any) -> None:
         if isinstance(msg, wire.Embed):
             self._submit(ident, msg)
         elif isinstance(msg, wire.Cancel):

@@ -56,6 +56,8 @@ class _Flushing:
 
 
 class EngineCore(CoreLoop):
+    wire = wire
+
     def __init__(self, engine: Any, address: str, parent: int | None = None):
         self.engine = engine
         self.scheduler = engine.scheduler
@@ -136,15 +138,7 @@ class EngineCore(CoreLoop):
         for ident, outs in by_client.items():
             self.router.send_multipart([ident, wire.encoder.encode(wire.Outputs(outs))])
 
-    def _reply(self, ident: bytes, msg: Any) -> None:
-        self.router.send_multipart([ident, wire.encoder.encode(msg)])
-
-    def _handle(self, ident: bytes, payload: bytes) -> None:
-        try:
-            msg = wire.to_core.decode(payload)
-        except Exception as exc:
-            log.warning("engine core: undecodable message from a client: %s", exc)
-            return
+    def _handle(self, ident: bytes, msg: Any) -> None:
         if isinstance(msg, wire.Hello):
             self.clients[ident] = msg.pid
             r = self.scheduler.runner
