@@ -23,19 +23,18 @@ from typing import Any
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from .. import metrics
 from ..engines.base import EngineError, EngineUnavailable, Overloaded, SamplingParams
 from ..engines.llm import LLMEngine
 from ..scheduler.generation import Event
 from . import wire
-from .sockets import ClientIO
+from .sockets import CoreClient
 
 log = logging.getLogger("fmgate.core.client")
 
 FAILED = "The engine for this model failed; retry later."
 
 
-class EngineClient(LLMEngine):
+class EngineClient(CoreClient, LLMEngine):
     def __init__(self, name: str, address: str, tokenizer: Any, connect_timeout: float = 120.0):
         self.name = name
         self.address = address
@@ -43,14 +42,9 @@ class EngineClient(LLMEngine):
         self._ids = itertools.count(1)
         self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
         self._lock = threading.Lock()
-        self._welcomed = threading.Event()
-        self.up = False
         self.runner: Any = None
         self.scheduler: Any = None
-        self._io = ClientIO(self, wire, f"core-client-{name}")
-        if not self._welcomed.wait(connect_timeout):
-            self._io.stop()
-            raise RuntimeError(f"the engine core of {name} at {address} did not answer in {connect_timeout:.0f}s")
+        self._start_io(wire, f"core-client-{name}", connect_timeout)
 
     @classmethod
     def connect(cls, path: Path, cfg: Any, settings: Any) -> EngineClient:
@@ -61,10 +55,6 @@ class EngineClient(LLMEngine):
         from transformers import AutoTokenizer
 
         return cls(cfg.name, address, AutoTokenizer.from_pretrained(path))
-
-    @property
-    def ready(self) -> bool:
-        return self.up
 
     # -- generation --
 
@@ -107,12 +97,6 @@ class EngineClient(LLMEngine):
                 open_ = [rid for rid in rids if self._streams.pop(rid, None) is not None]
             if open_:
                 self._io.send(wire.Abort(open_))
-
-    def close(self) -> None:
-        self._io.stop()
-        self.up = False
-        metrics.ENGINE_UP.labels(self.name).set(0)
-        self._fail_all("abort", None, None)
 
     # -- called by the I/O thread --
 
@@ -165,19 +149,13 @@ class EngineClient(LLMEngine):
         self.runner = SimpleNamespace(vocab_size=w.vocab_size, max_seq_len=w.max_seq_len, capacity=w.capacity,
                                       device=w.device, prompt_logits=w.prompt_logits)
         self.scheduler = SimpleNamespace(eos=frozenset(w.eos), alive=True)
-        if not self.up:
-            log.info("engine core of %s is up (pid %d)", self.name, w.pid)
-        self.up = True
-        metrics.ENGINE_UP.labels(self.name).set(1)
-        self._welcomed.set()
+        self._came_up(w.pid)
 
-    def _lost(self) -> None:
-        if self.up:
-            log.error("engine core of %s is gone; the model is unavailable until it restarts", self.name)
-            metrics.ENGINE_FAILURES.labels(self.name).inc()
-        self.up = False
-        metrics.ENGINE_UP.labels(self.name).set(0)
-        self._fail_all("error", FAILED, "engine_failed")
+    def _fail_in_flight(self, lost: bool) -> None:
+        if lost:
+            self._fail_all("error", FAILED, "engine_failed")
+        else:
+            self._fail_all("abort", None, None)
 
 
 class Detokenizer:

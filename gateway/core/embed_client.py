@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,18 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from .. import metrics
 from ..engines.base import EngineError, EngineUnavailable, Overloaded
 from ..engines.embedder import EmbeddingEngine
 from . import embed_wire as wire
 from . import sockets
 
-log = logging.getLogger("fmgate.core.client")
-
 FAILED = "The embedding engine for this model failed; retry later."
 
 
-class EmbedClient(EmbeddingEngine):
+class EmbedClient(sockets.CoreClient, EmbeddingEngine):
+    kind = "embedding core"
+
     def __init__(self, name: str, address: str, tokenizer: Any, connect_timeout: float = 120.0):
         # Not EmbeddingEngine.__init__: no runner and no batcher here.
         self.name = name
@@ -44,23 +42,14 @@ class EmbedClient(EmbeddingEngine):
         self._ids = itertools.count(1)
         self._waiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._lock = threading.Lock()
-        self._welcomed = threading.Event()
         self.welcome: wire.Welcome | None = None
-        self.up = False
-        self._io = sockets.ClientIO(self, wire, f"embed-client-{name}")
-        if not self._welcomed.wait(connect_timeout):
-            self._io.stop()
-            raise RuntimeError(f"the embedding core of {name} at {address} did not answer in {connect_timeout:.0f}s")
+        self._start_io(wire, f"embed-client-{name}", connect_timeout)
 
     @classmethod
     def connect(cls, path: Path, cfg: Any, settings: Any) -> EmbedClient:
         from transformers import AutoTokenizer
 
         return cls(cfg.name, settings.engine_cores[cfg.name], AutoTokenizer.from_pretrained(path))
-
-    @property
-    def ready(self) -> bool:
-        return self.up
 
     @property
     def dim(self) -> int:
@@ -89,12 +78,6 @@ class EmbedClient(EmbeddingEngine):
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         raise NotImplementedError("EmbedClient serves the async API (aembed_ids) only")
-
-    def close(self) -> None:
-        self._io.stop()
-        self.up = False
-        metrics.ENGINE_UP.labels(self.name).set(0)
-        self._fail_all(EngineUnavailable("The model was unloaded.", retry_after=5))
 
     # -- called by the I/O thread --
 
@@ -137,19 +120,10 @@ class EmbedClient(EmbeddingEngine):
 
     def _welcome(self, w: wire.Welcome) -> None:
         self.welcome = w
-        if not self.up:
-            log.info("embedding core of %s is up (pid %d)", self.name, w.pid)
-        self.up = True
-        metrics.ENGINE_UP.labels(self.name).set(1)
-        self._welcomed.set()
+        self._came_up(w.pid)
 
-    def _lost(self) -> None:
-        if self.up:
-            log.error("embedding core of %s is gone; the model is unavailable until it restarts", self.name)
-            metrics.ENGINE_FAILURES.labels(self.name).inc()
-        self.up = False
-        metrics.ENGINE_UP.labels(self.name).set(0)
-        self._fail_all(EngineUnavailable(FAILED, retry_after=5))
+    def _fail_in_flight(self, lost: bool) -> None:
+        self._fail_all(EngineUnavailable(FAILED if lost else "The model was unloaded.", retry_after=5))
 
 
 def _post(loop: asyncio.AbstractEventLoop, batch: list) -> None:

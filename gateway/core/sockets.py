@@ -1,4 +1,5 @@
-"""ZeroMQ code shared by the chat and embedding sides: the client's socket thread and `probe`.
+"""ZeroMQ code shared by the chat and embedding sides: the client's socket thread, its up/down state, and
+`probe`.
 
 Each side passes its wire module (gateway/core/wire.py or embed_wire.py): both have Hello(pid), Welcome,
 `encoder` and `from_core`.
@@ -6,6 +7,7 @@ Each side passes its wire module (gateway/core/wire.py or embed_wire.py): both h
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -16,6 +18,10 @@ from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
+
+from .. import metrics
+
+log = logging.getLogger("fmgate.core.client")
 
 
 def probe(wire: ModuleType, address: str, timeout: float) -> Any:
@@ -34,6 +40,53 @@ def probe(wire: ModuleType, address: str, timeout: float) -> Any:
         return None
     finally:
         s.close(0)
+
+
+class CoreClient:
+    """What EngineClient and EmbedClient share: the socket thread, `up` (and fmgate_engine_up), and
+    failing what is in flight when the core is lost or the client closes. Subclasses set `kind` and
+    give `_fail_in_flight(lost)`; their `_welcome` ends with `_came_up(pid)`."""
+
+    kind = "engine core"
+    name: str
+    address: str
+
+    def _start_io(self, wire: ModuleType, thread_name: str, connect_timeout: float) -> None:
+        self._welcomed = threading.Event()
+        self.up = False
+        self._io = ClientIO(self, wire, thread_name)
+        if not self._welcomed.wait(connect_timeout):
+            self._io.stop()
+            raise RuntimeError(f"the {self.kind} of {self.name} at {self.address} did not answer in "
+                               f"{connect_timeout:.0f}s")
+
+    @property
+    def ready(self) -> bool:
+        return self.up
+
+    def close(self) -> None:
+        self._io.stop()
+        self.up = False
+        metrics.ENGINE_UP.labels(self.name).set(0)
+        self._fail_in_flight(lost=False)
+
+    def _fail_in_flight(self, lost: bool) -> None:
+        raise NotImplementedError
+
+    def _came_up(self, pid: int) -> None:
+        if not self.up:
+            log.info("%s of %s is up (pid %d)", self.kind, self.name, pid)
+        self.up = True
+        metrics.ENGINE_UP.labels(self.name).set(1)
+        self._welcomed.set()
+
+    def _lost(self) -> None:
+        if self.up:
+            log.error("%s of %s is gone; the model is unavailable until it restarts", self.kind, self.name)
+            metrics.ENGINE_FAILURES.labels(self.name).inc()
+        self.up = False
+        metrics.ENGINE_UP.labels(self.name).set(0)
+        self._fail_in_flight(lost=True)
 
 
 class ClientIO:
