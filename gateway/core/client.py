@@ -23,11 +23,11 @@ from typing import Any
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from ..engines.base import EngineError, EngineUnavailable, Overloaded, SamplingParams
+from ..engines.base import EngineUnavailable, SamplingParams
 from ..engines.llm import LLMEngine
 from ..scheduler.generation import Event
 from . import wire
-from .sockets import CoreClient
+from .sockets import CoreClient, post, refusal
 
 log = logging.getLogger("fmgate.core.client")
 
@@ -83,7 +83,7 @@ class EngineClient(CoreClient, LLMEngine):
                 item = await q.get()
                 if isinstance(item, wire.Refused):
                     left = 0
-                    raise _refusal(item)
+                    raise refusal(item)
                 i, ev = item
                 if detoks[i] is not None:
                     ev = detoks[i].step(ev)
@@ -112,7 +112,7 @@ class EngineClient(CoreClient, LLMEngine):
                 loop, q, i = entry
                 by_loop.setdefault(loop, []).append((q, (i, wire.event_in(o))))
         for loop, batch in by_loop.items():
-            _post(loop, batch)
+            post(loop, _put_all, batch)
 
     def _received(self, msgs: list) -> None:
         for msg in msgs:
@@ -133,7 +133,7 @@ class EngineClient(CoreClient, LLMEngine):
             entries = [self._streams.pop(rid, None) for rid in r.rids]
         first = next((e for e in entries if e is not None), None)
         if first is not None:
-            _post(first[0], [(first[1], r)])
+            post(first[0], _put_all, [(first[1], r)])
 
     def _fail_all(self, reason: str, error: str | None, code: str | None) -> None:
         with self._lock:
@@ -143,7 +143,7 @@ class EngineClient(CoreClient, LLMEngine):
             ev = Event(finish_reason=reason, error=error, error_code=code)
             by_loop.setdefault(loop, []).append((q, (i, ev)))
         for loop, batch in by_loop.items():
-            _post(loop, batch)
+            post(loop, _put_all, batch)
 
     def _welcome(self, w: wire.Welcome) -> None:
         self.runner = SimpleNamespace(vocab_size=w.vocab_size, max_seq_len=w.max_seq_len, capacity=w.capacity,
@@ -204,21 +204,6 @@ def _merge(a: Event, b: Event) -> Event:
     return b
 
 
-def _post(loop: asyncio.AbstractEventLoop, batch: list) -> None:
-    try:
-        loop.call_soon_threadsafe(_put_all, batch)
-    except RuntimeError:  # that loop is closed: nobody waits on those queues any more
-        pass
-
-
 def _put_all(batch: list) -> None:
     for q, item in batch:
         q.put_nowait(item)
-
-
-def _refusal(r: wire.Refused) -> Exception:
-    if r.kind == "engine_error":
-        return EngineError(r.message, param=r.param, code=r.code)
-    if r.kind == "overloaded":
-        return Overloaded(r.message, retry_after=r.retry_after)
-    return EngineUnavailable(r.message, retry_after=r.retry_after or 5)

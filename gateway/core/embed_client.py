@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engines.base import EngineError, EngineUnavailable, Overloaded
+from ..engines.base import EngineUnavailable
 from ..engines.embedder import EmbeddingEngine
 from . import embed_wire as wire
 from . import sockets
@@ -89,10 +89,10 @@ class EmbedClient(sockets.CoreClient, EmbeddingEngine):
                 if entry is None:
                     continue  # cancelled by its caller
                 loop, fut = entry
-                result = wire.vectors_in(m) if isinstance(m, wire.Vectors) else _refusal(m)
+                result = wire.vectors_in(m) if isinstance(m, wire.Vectors) else sockets.refusal(m)
                 by_loop.setdefault(loop, []).append((fut, result))
         for loop, batch in by_loop.items():
-            _post(loop, batch)
+            sockets.post(loop, _set_all, batch)
 
     def _received(self, msgs: list) -> None:
         results = []
@@ -116,7 +116,7 @@ class EmbedClient(sockets.CoreClient, EmbeddingEngine):
         for loop, fut in entries:
             by_loop.setdefault(loop, []).append((fut, exc))
         for loop, batch in by_loop.items():
-            _post(loop, batch)
+            sockets.post(loop, _set_all, batch)
 
     def _welcome(self, w: wire.Welcome) -> None:
         self.welcome = w
@@ -124,13 +124,6 @@ class EmbedClient(sockets.CoreClient, EmbeddingEngine):
 
     def _fail_in_flight(self, lost: bool) -> None:
         self._fail_all(EngineUnavailable(FAILED if lost else "The model was unloaded.", retry_after=5))
-
-
-def _post(loop: asyncio.AbstractEventLoop, batch: list) -> None:
-    try:
-        loop.call_soon_threadsafe(_set_all, batch)
-    except RuntimeError:  # that loop is closed: nobody waits on those futures any more
-        pass
 
 
 def _set_all(batch: list) -> None:
@@ -141,16 +134,6 @@ def _set_all(batch: list) -> None:
             fut.set_exception(result)
         else:
             fut.set_result(result)
-
-
-def _refusal(r: wire.Refused) -> Exception:
-    if r.kind == "engine_error":
-        return EngineError(r.message, param=r.param, code=r.code)
-    if r.kind == "overloaded":
-        return Overloaded(r.message, retry_after=r.retry_after)
-    if r.kind == "unavailable":
-        return EngineUnavailable(r.message, retry_after=r.retry_after or 5)
-    return RuntimeError(r.message)  # the encoder failed: a 500, as in single-process mode
 
 
 probe = functools.partial(sockets.probe, wire)

@@ -7,12 +7,14 @@ Each side passes its wire module (gateway/core/wire.py or embed_wire.py): both h
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -20,6 +22,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .. import metrics
+from ..engines.base import EngineError, EngineUnavailable, Overloaded
 
 log = logging.getLogger("fmgate.core.client")
 
@@ -40,6 +43,25 @@ def probe(wire: ModuleType, address: str, timeout: float) -> Any:
         return None
     finally:
         s.close(0)
+
+
+def post(loop: asyncio.AbstractEventLoop, apply: Callable[[list], None], batch: list) -> None:
+    """apply(batch) on that loop's thread (one wake-up for the batch)."""
+    try:
+        loop.call_soon_threadsafe(apply, batch)
+    except RuntimeError:  # that loop is closed: nobody waits there any more
+        pass
+
+
+def refusal(r: Any) -> Exception:
+    """The exception for a core's Refused (either wire's)."""
+    if r.kind == "engine_error":
+        return EngineError(r.message, param=r.param, code=r.code)
+    if r.kind == "overloaded":
+        return Overloaded(r.message, retry_after=r.retry_after)
+    if r.kind == "failed":  # the embedding encoder failed: a 500, as in single-process mode
+        return RuntimeError(r.message)
+    return EngineUnavailable(r.message, retry_after=r.retry_after or 5)
 
 
 class CoreClient:
