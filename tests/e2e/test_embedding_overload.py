@@ -90,5 +90,7 @@ def test_concurrent_requests_over_the_queue_bound(start_server):
         time.sleep(0.1)
     r = httpx.post(srv.base_url + "/v1/embeddings", json=body("full", BOUND), timeout=300)
     assert r.status_code == 200 and len(r.json()["data"]) == BOUND
+    # More inputs than the whole bound could never be queued: a 400 to split the request, not a 429 to retry.
     r = httpx.post(srv.base_url + "/v1/embeddings", json=body("over", BOUND + 1), timeout=300)
-    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["type"] == "invalid_request_error" and err["code"] == "too_many_inputs"
