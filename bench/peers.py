@@ -294,9 +294,13 @@ ALL = ["models", "tools", "llama-server", "llamacpp", "infinity", "infinity-mode
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="*", default=["all"], choices=["all", *ALL])
+    # No choices= here: argparse checks a list default against them as one value and refuses it.
+    ap.add_argument("what", nargs="*", help=f"any of: all (the default), {', '.join(ALL)}")
     args = ap.parse_args(argv)
-    ensure(ALL if "all" in args.what else args.what)
+    unknown = sorted(set(args.what) - {"all", *ALL})
+    if unknown:
+        ap.error(f"unknown peer(s): {', '.join(unknown)}")
+    ensure(ALL if not args.what or "all" in args.what else args.what)
     for k, v in model_paths().items():
         log(f"{k}: {v}")
     if llama_server_path().is_file():
