@@ -70,7 +70,8 @@ LONG_SENTENCES = 58  # about 1,400 prompt tokens with SmolLM2's tokenizer and ch
 
 def long_prompt(i: int) -> str:
     """A distinct prompt of about 1,400 tokens: request i's number comes first, so no server can reuse
-    an earlier prompt's cache (prefix caches match from the first token)."""
+    an earlier prompt's cache (prefix caches match from the first token). Callers keep i unique across
+    repetitions and levels too (run_chat's first_id): llama-server keeps each slot's last prompt."""
     start = (i * LONG_SENTENCES) % len(SENTENCES)
     notes = " ".join(SENTENCES[(start + k) % len(SENTENCES)] for k in range(LONG_SENTENCES))
     return f"Request {i}. Here are my notes: {notes} Summarise the notes in one sentence."
@@ -224,12 +225,13 @@ def _client(concurrency: int) -> httpx.AsyncClient:
 
 async def run_chat(base_url: str, model: str, concurrency: int, per_client: int, max_seconds: float,
                    max_tokens: int = 64, timeout: float = 300.0, keep_texts: bool = False,
-                   long: bool = False) -> Summary:
-    """`long`: each request a distinct ~1,400-token prompt (see long_prompt) instead of a short question."""
+                   long: bool = False, first_id: int = 0) -> Summary:
+    """`long`: each request a distinct ~1,400-token prompt (see long_prompt) instead of a short question,
+    numbered from `first_id`."""
     url = base_url.rstrip("/") + "/v1/chat/completions"
     async with _client(concurrency) as client:
         async def one(i: int) -> tuple[str, ChatResult]:
-            prompt = long_prompt(i) if long else CHAT_PROMPTS[i % len(CHAT_PROMPTS)]
+            prompt = long_prompt(first_id + i) if long else CHAT_PROMPTS[i % len(CHAT_PROMPTS)]
             return prompt, await chat_once(client, url, model, prompt, max_tokens, timeout)
 
         pairs, wall = await _closed_loop(concurrency, per_client, max_seconds, one)

@@ -69,16 +69,18 @@ def _parse_levels(text: str) -> list[tuple[int, int]]:
     out = []
     for part in text.split(","):
         c, _, b = part.strip().partition("x")
-        out.append((int(c), int(b or 1)))
+        if int(c) > 0:  # "0" skips embeddings
+            out.append((int(c), int(b or 1)))
     return out
 
 
 def warm_up(srv: RunningServer, chat_levels: list[int], embed_levels: list[tuple[int, int]]) -> None:
     """Touch every code path once (batched and single) before anything is timed."""
     spec = srv.spec
-    if "chat" in spec.kinds and chat_levels:
+    if "chat" in spec.kinds:  # also before a long-prompts-only run
         asyncio.run(run_chat(srv.base_url, spec.chat_model, 1, per_client=2, max_seconds=120))
-        asyncio.run(run_chat(srv.base_url, spec.chat_model, max(chat_levels), per_client=1, max_seconds=120))
+        asyncio.run(run_chat(srv.base_url, spec.chat_model, max(chat_levels, default=1), per_client=1,
+                             max_seconds=120))
     if "embed" in spec.kinds and embed_levels:
         asyncio.run(run_embed(srv.base_url, spec.embed_model, 1, 1, per_client=5, max_seconds=60))
         c = max(c for c, _ in embed_levels)
@@ -161,7 +163,8 @@ def bench_server(name: str, args: argparse.Namespace, logs: Path) -> dict:
             for c in long_levels:
                 srv.rss.reset_window()
                 s = asyncio.run(run_chat(srv.base_url, spec.chat_model, c, per_client=CHAT_PER_CLIENT,
-                                         max_seconds=2 * args.chat_seconds, max_tokens=LONG_MAX_TOKENS, long=True))
+                                         max_seconds=2 * args.chat_seconds, max_tokens=LONG_MAX_TOKENS, long=True,
+                                         first_id=(rep * 100 + c) * 1000))  # new prompts each rep and level
                 d = s.to_dict()
                 d.pop("texts")
                 d.update(scenario=report.scenario_key("long", c), rep=rep,
@@ -225,9 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, help="markdown file to update (default BENCHMARKS.md; quick: "
                     "bench/results/<stamp>-quick.md)")
     ap.add_argument("--plot", type=Path, help="PNG to write (default bench/plot.png; quick: beside --out)")
-    ap.add_argument("--chat-levels", help="e.g. 1,4,8,16")
+    ap.add_argument("--chat-levels", help="e.g. 1,4,8,16 (0: skip)")
     ap.add_argument("--long-levels", help="clients for the ~1,400-token prompt scenario, e.g. 1,4 (0: skip)")
-    ap.add_argument("--embed-levels", help="clients x sentences, e.g. 1x1,8x1,32x1,1x16,8x16,32x16")
+    ap.add_argument("--embed-levels", help="clients x sentences, e.g. 1x1,8x1,32x1,1x16,8x16,32x16 (0: skip)")
     ap.add_argument("--chat-seconds", type=float, help="time window per chat repetition (default 20, quick 6)")
     ap.add_argument("--embed-seconds", type=float, help="time window per embeddings repetition (default 10, quick 4)")
     ap.add_argument("--no-setup", action="store_true", help="do not install peers; fail those that are missing")
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args.reps = args.reps or (1 if args.quick else 3)
     if args.chat_levels:
-        args.chat_levels = [int(x) for x in args.chat_levels.split(",")]
+        args.chat_levels = [int(x) for x in args.chat_levels.split(",") if int(x) > 0]
     else:
         args.chat_levels = QUICK_CHAT_LEVELS if args.quick else FULL_CHAT_LEVELS
     if args.long_levels:
