@@ -248,6 +248,11 @@ def goals(results: dict, agg: dict) -> list[tuple[str, str, float | None, str]]:
     return rows
 
 
+def _command(meta: dict) -> str:
+    cmd = meta.get("command", "").strip()
+    return "make bench" if cmd in ("", "python -m bench.run") else cmd
+
+
 def render(results: dict, plot_name: str | None = None) -> str:
     """The serving section's body, between the BEGIN/END markers."""
     meta = results.get("meta", {})
@@ -256,7 +261,7 @@ def render(results: dict, plot_name: str | None = None) -> str:
     long_levels = meta.get("long_levels", [])
     embed_levels = [tuple(x) for x in meta.get("embed_levels", [])]
     out = [
-        f"Run `{meta.get('command', 'make bench')}` — {meta.get('started', '')}, {meta.get('cpu', '')}, "
+        f"Run `{_command(meta)}` — {meta.get('started', '')}, {meta.get('cpu', '')}, "
         f"{meta.get('nproc', '?')} cores, load average {meta.get('loadavg_start', '?')} at the start. "
         f"Medians of {meta.get('reps', '?')} repetition{'' if meta.get('reps') == 1 else 's'}; each repetition is a closed loop of N clients for "
         f"{meta.get('chat_seconds', '?')} s (chat) or {meta.get('embed_seconds', '?')} s (embeddings). "
@@ -309,7 +314,7 @@ def render(results: dict, plot_name: str | None = None) -> str:
     for label, target, val, verdict in rows:
         if val is None:
             shown = "–"
-        elif "TTFT" in label:
+        elif target.endswith("ms"):
             shown = f"{val:.0f} ms"
         else:
             shown = f"{val:.2f}×"

@@ -49,13 +49,19 @@ def log(msg: str) -> None:
 
 
 def _cpu_name() -> str:
+    """The model name and the vector extensions that decide int8/int4 speed: boxes of the same name differ."""
+    name, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    ext = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    name = name or platform.processor() or platform.machine()
+    return f"{name} ({', '.join(ext)})" if ext else name
 
 
 def _loadavg() -> str:
