@@ -180,7 +180,9 @@ def test_cache_key_covers_versions_and_hardware(tiny_store, tiny_models, monkeyp
     hw = tiny_store.hardware
     r = recipes.get("ort-fp32")
     k1 = tiny_store.variant_key(src, r, hw)
-    other_hw = HardwareProfile(arch="x86_64", cpu_model="x", cores=2, memory_mb=1, isa=("avx2",),
+    # An instruction set this machine's does not have (or lacks one it has): a different hardware class.
+    other_isa = tuple(sorted(set(hw.isa) ^ {"avx512_vnni"}))
+    other_hw = HardwareProfile(arch="x86_64", cpu_model="x", cores=2, memory_mb=1, isa=other_isa,
                                ort_providers=("CPUExecutionProvider",))
     assert tiny_store.variant_key(src, r, other_hw) != k1
     monkeypatch.setattr(store_mod, "versions", lambda: {"onnxruntime": "0.0.1"})
