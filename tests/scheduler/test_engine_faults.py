@@ -213,12 +213,14 @@ def test_deadlines_end_running_and_queued_sequences(chat_artifact):
 
 def test_decode_sizes_the_kv_buffer_for_rows_mid_prefill(chat_artifact):
     """A row mid-prefill that fills the buffer exactly rides along in a decode step (its token lands one
-    past its length). The buffer must grow for it; the decoding row's logits must not change."""
+    past its length). The buffer must grow for it; the decoding row's logits must not change. The reference
+    decodes beside a short neighbour, as a lone row may take another kernel path (tests/scheduler/_neighbour)."""
     runner = OnnxCausalRunner(chat_artifact.path, capacity=4, threads=2, prefix_cache_blocks=0)
     ref = OnnxCausalRunner(chat_artifact.path, capacity=4, threads=2, prefix_cache_blocks=0)
     long = np.random.default_rng(0).integers(100, 5000, runner._buf_len).tolist()
     runner.prefill(1, long)  # row 0: exactly the buffer's length, more prompt to come
     runner.prefill(2, [1, 200, 300, 400])  # row 1: decoding
+    ref.prefill(3, [1, 5, 6])  # row 0: a short neighbour that rides along
     ref.prefill(2, [1, 200, 300, 400])
     assert np.array_equal(runner.decode([2], [500]), ref.decode([2], [500]))
     runner.prefill(1, [7, 8, 9])  # the rest of the long prompt; its KV was not disturbed

@@ -12,6 +12,7 @@ import pytest
 from gateway.engines.base import Overloaded, SamplingParams
 from gateway.engines.llm import LLMEngine
 from gateway.scheduler.generation import Event
+from tests.scheduler._neighbour import neighbour
 
 PROMPTS = ["What is the capital of France?", "Name three colours.", "Write a haiku about rain.",
            "What is 12 times 12?", "Who wrote Hamlet?", "Describe a cat in one sentence."]
@@ -30,18 +31,21 @@ def chat(engine, text, **kw):
 
 
 def test_batched_outputs_equal_outputs_alone(engine):
-    alone = [chat(engine, p).text for p in PROMPTS]
-    results: list = [None] * len(PROMPTS)
+    """Each prompt alone (beside one long neighbour, see _neighbour) and all six at once, arriving
+    staggered mid-batch: the same greedy text."""
+    with neighbour(engine):
+        alone = [chat(engine, p).text for p in PROMPTS]
+        results: list = [None] * len(PROMPTS)
 
-    def run(i):
-        results[i] = chat(engine, PROMPTS[i]).text
+        def run(i):
+            results[i] = chat(engine, PROMPTS[i]).text
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-        time.sleep(0.01 * (t.native_id % 3))  # staggered arrivals join mid-batch
-    for t in threads:
-        t.join()
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+            time.sleep(0.01 * (t.native_id % 3))  # staggered arrivals join mid-batch
+        for t in threads:
+            t.join()
     assert results == alone
 
 
