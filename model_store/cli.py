@@ -244,7 +244,7 @@ def hw_command(as_json: JsonOpt = False) -> None:
                 continue
             ok, why = r.applies(hw, src)
             rows.append({"recipe": r.name, "task": r.task, "source": kind, "applies": ok, "reason": why,
-                         "auto": r.default, "reference": r.reference})
+                         "auto": r.auto(hw)[0], "reference": r.reference})
     if as_json:
         print(json.dumps({"hardware": hw.to_dict(), "recipes": rows}, indent=2))
         return

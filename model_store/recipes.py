@@ -39,6 +39,7 @@ from .sources import Source
 log = logging.getLogger("fmgate.model_store")
 
 Applies = Callable[[HardwareProfile, Source], tuple[bool, str]]
+AutoHere = Callable[[HardwareProfile], tuple[bool, str]]  # whether "auto" builds it on this hardware, and why
 
 
 @dataclass
@@ -72,11 +73,17 @@ class Recipe:
     build: Callable[[BuildContext], None]
     params: Mapping[str, Any] = field(default_factory=dict)
     applies: Applies = lambda hw, src: (True, "")
-    default: bool = True  # a candidate for variant "auto"
+    default: bool | AutoHere = True  # a candidate for variant "auto" (everywhere, or where the check says)
     reference: bool = False  # the full-precision variant the others are measured against
     device: str = "cpu"
     evaluate: Evaluator | None = None
     description: str = ""
+
+    def auto(self, hw: HardwareProfile) -> tuple[bool, str]:
+        """Whether variant "auto" builds and measures this recipe on this hardware, and why not."""
+        if callable(self.default):
+            return self.default(hw)
+        return self.default, "" if self.default else "built only when named"
 
 
 RECIPES: dict[str, Recipe] = {}
@@ -90,7 +97,7 @@ def register(r: Recipe) -> Recipe:
 
 
 def recipe(name: str, *, task: str, format: str, params: Mapping[str, Any] | None = None,
-           applies: Applies | None = None, default: bool = True, reference: bool = False,
+           applies: Applies | None = None, default: bool | AutoHere = True, reference: bool = False,
            device: str = "cpu", evaluate: Evaluator | None = None, description: str = ""):
     """Decorator form of `register` over the build function."""
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .hardware import HardwareProfile
 from .recipes import BuildContext, _cpu_ort, genai_build, quiet, recipe
 
 log = logging.getLogger("fmgate.model_store")
@@ -396,10 +397,22 @@ def build_gptq(ctx: BuildContext) -> None:
     _build(ctx, "gptq")
 
 
+def _mixed_wins_here(hw: HardwareProfile) -> tuple[bool, str]:
+    """On x86 with AVX2 but no VNNI the mix won beyond the tie margin (store score 213 vs 185 for the next,
+    decode b1 135 vs 113 tok/s); with VNNI it tied genai-int8, and its build adds about a minute to a
+    first load for a tie the size rule would settle (docs/cpu_speed.md)."""
+    isa = set(hw.isa)
+    if hw.arch not in ("x86_64", "amd64", "AMD64") or "avx2" not in isa:
+        return False, f"measured only on x86 with AVX2; name it to build it on {hw.arch}"
+    if isa & {"avx512_vnni", "avx_vnni"}:
+        return False, "with VNNI it ties genai-int8 (docs/cpu_speed.md); name it to build it"
+    return True, ""
+
+
 @recipe("ort-int4-mixed", task="chat", format="onnx-genai",
         params={"precision": "int4+int8", "algorithm": "GPTQ", "block_size": 32, "accuracy_level": 4,
                 "mix_fraction": 0.4, "calibration": f"{CALIB_SAMPLES}x{CALIB_LEN}@{CALIB_START}"},
-        applies=_cpu_ort, default=False)
+        applies=_cpu_ort, default=_mixed_wins_here)
 def build_mixed(ctx: BuildContext) -> None:
     """GPTQ 4-bit; lm_head and the MatMuls most sensitive on calibration text (40% of the weights) at 8 bits."""
     _build(ctx, "gptq", float(ctx.params["mix_fraction"]))

@@ -231,8 +231,17 @@ class ModelStore:
                    names: Sequence[str] | None = None) -> tuple[list[Recipe], list[dict]]:
         """(recipes to build, recipes skipped with why). The reference always comes first."""
         ref = reg.reference_for(task)
-        pool = [reg.get(n, task) for n in names] if names else [r for r in reg.for_task(task) if r.default]
         chosen, skipped = [ref], []
+        if names:
+            pool = [reg.get(n, task) for n in names]
+        else:
+            pool = []
+            for r in reg.for_task(task):
+                auto, why = r.auto(hw)
+                if auto:
+                    pool.append(r)
+                elif callable(r.default):  # a default elsewhere: say why not here
+                    skipped.append({"variant": r.name, "applies": False, "reason": why})
         for r in pool:
             if r.name == ref.name:
                 continue
