@@ -73,20 +73,24 @@ def test_instructor(server, mode):
 
 def test_instructor_json_mode_gets_one_json_object(server):
     """instructor's JSON mode sends response_format json_object and puts the schema only in the prompt, so
-    the server guarantees one JSON object, as OpenAI's json_object does; whether a 135M model then follows
-    the schema depends on the variant (genai-int8 does here, ort-int4-mixed names a field "capital")."""
+    the server guarantees one JSON object (or, cut by max_tokens, its open start), as OpenAI's json_object
+    does; whether a 135M model follows the schema depends on the variant (genai-int8 does here,
+    ort-int4-mixed names a field "capital")."""
     have("instructor")
     import instructor
-    from instructor.v2.core.errors import InstructorRetryException
+    from instructor.v2.core.errors import IncompleteOutputException, InstructorRetryException
 
     client = instructor.from_openai(server.client(timeout=60), mode=instructor.Mode.JSON)
     try:
         _, completion = client.chat.completions.create_with_completion(
             model=CHAT_MODEL, messages=ASK, response_model=City, temperature=0, max_tokens=160, max_retries=0)
-    except InstructorRetryException as e:  # an object that does not match City
+    except (InstructorRetryException, IncompleteOutputException) as e:  # off the schema, or cut by max_tokens
         completion = e.last_completion
-    assert completion.choices[0].finish_reason == "stop"
-    assert isinstance(json.loads(completion.choices[0].message.content), dict)
+    choice = completion.choices[0]
+    if choice.finish_reason == "length":  # int4-mixed on AVX2 repeats "11." in a string: left open, not closed
+        assert choice.message.content.startswith("{") and completion.usage.completion_tokens == 160
+    else:
+        assert choice.finish_reason == "stop" and isinstance(json.loads(choice.message.content), dict)
 
 
 def _chat_openai(server):
