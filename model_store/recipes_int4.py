@@ -401,11 +401,10 @@ def _mixed_wins_here(hw: HardwareProfile) -> tuple[bool, str]:
     """On x86 with AVX2 but no VNNI the mix won beyond the tie margin (store score 213 vs 185 for the next,
     decode b1 135 vs 113 tok/s); with VNNI it tied genai-int8, and its build adds about a minute to a
     first load for a tie the size rule would settle (docs/cpu_speed.md)."""
-    isa = set(hw.isa)
-    if hw.arch not in ("x86_64", "amd64", "AMD64") or "avx2" not in isa:
-        return False, f"measured only on x86 with AVX2; name it to build it on {hw.arch}"
-    if isa & {"avx512_vnni", "avx_vnni"}:
+    if hw.isa_tier in ("avx512_vnni", "amx") or hw.has("avx_vnni"):
         return False, "with VNNI it ties genai-int8 (docs/cpu_speed.md); name it to build it"
+    if hw.isa_tier != "avx2":
+        return False, f"measured only on x86 with AVX2 ({hw.isa_tier} here); name it to build it"
     return True, ""
 
 
