@@ -13,6 +13,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
 import httpx
@@ -186,15 +187,16 @@ async def chat_once(client: httpx.AsyncClient, url: str, model: str, prompt: str
     return ChatResult(ok=True, ttft=ttft, e2e=e2e, tokens=tokens, token_source=source, text="".join(parts))
 
 
-async def embed_once(client: httpx.AsyncClient, url: str, model: str, inputs: list[str],
-                     timeout: float) -> EmbedResult:
+async def embed_once(post: Callable[[list[str]], Awaitable[tuple[int, bytes]]], inputs: list[str],
+                     client_errors: tuple[type[Exception], ...]) -> EmbedResult:
+    """One request through `post` (inputs -> status, body), whichever HTTP client it uses."""
     t0 = time.perf_counter()
     try:
-        r = await client.post(url, json={"model": model, "input": inputs}, timeout=timeout)
-        if r.status_code != 200:
-            return EmbedResult(ok=False, error=f"HTTP {r.status_code}: {r.text[:300]}")
-        data = r.json()["data"]
-    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        status, body = await post(inputs)
+        if status != 200:
+            return EmbedResult(ok=False, error=f"HTTP {status}: {body[:300]!r}")
+        data = json.loads(body)["data"]
+    except (*client_errors, ValueError, KeyError) as exc:
         return EmbedResult(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
     e2e = time.perf_counter() - t0
     if len(data) != len(inputs):
@@ -258,24 +260,6 @@ async def run_chat(base_url: str, model: str, concurrency: int, per_client: int,
     return s
 
 
-async def _embed_once_aiohttp(session, url: str, model: str, inputs: list[str]) -> EmbedResult:
-    import aiohttp
-
-    t0 = time.perf_counter()
-    try:
-        async with session.post(url, json={"model": model, "input": inputs}) as r:
-            body = await r.read()
-        if r.status != 200:
-            return EmbedResult(ok=False, error=f"HTTP {r.status}: {body[:300]!r}")
-        data = json.loads(body)["data"]
-    except (aiohttp.ClientError, ValueError, KeyError) as exc:
-        return EmbedResult(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
-    e2e = time.perf_counter() - t0
-    if len(data) != len(inputs):
-        return EmbedResult(ok=False, error=f"asked {len(inputs)} embeddings, got {len(data)}")
-    return EmbedResult(ok=True, e2e=e2e, sentences=len(inputs), dim=len(data[0]["embedding"]))
-
-
 async def run_embed(base_url: str, model: str, concurrency: int, batch: int, per_client: int,
                     max_seconds: float, timeout: float = 300.0) -> Summary:
     """BENCH_EMBED_CLIENT=aiohttp sends the same requests with aiohttp, a client that costs less CPU per
@@ -287,17 +271,28 @@ async def run_embed(base_url: str, model: str, concurrency: int, batch: int, per
         start = (i * batch) % n
         return [SENTENCES[(start + j) % n] for j in range(batch)]
 
+    def body(texts: list[str]) -> dict:
+        return {"model": model, "input": texts}
+
     if os.environ.get("BENCH_EMBED_CLIENT") == "aiohttp":
         import aiohttp
 
         connector = aiohttp.TCPConnector(limit=concurrency + 4)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+            async def post(texts: list[str]) -> tuple[int, bytes]:
+                async with s.post(url, json=body(texts)) as r:
+                    return r.status, await r.read()
+
             results, wall = await _closed_loop(concurrency, per_client, max_seconds,
-                                               lambda i: _embed_once_aiohttp(s, url, model, inputs(i)))
+                                               lambda i: embed_once(post, inputs(i), (aiohttp.ClientError,)))
     else:
         async with _client(concurrency) as client:
+            async def post(texts: list[str]) -> tuple[int, bytes]:
+                r = await client.post(url, json=body(texts), timeout=timeout)
+                return r.status_code, r.content
+
             results, wall = await _closed_loop(concurrency, per_client, max_seconds,
-                                               lambda i: embed_once(client, url, model, inputs(i), timeout))
+                                               lambda i: embed_once(post, inputs(i), (httpx.HTTPError,)))
     ok = [r for r in results if r.ok]
     errs = [r for r in results if not r.ok]
     e2es = [r.e2e for r in ok if r.e2e is not None]
